@@ -1,0 +1,72 @@
+"""The server's one configuration dataclass, validated once and passed down whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DType = Literal["float32", "bfloat16", "float16"]
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    model: Path
+    served_model_name: str | None = None  # default: the model directory's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: DType = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantize: Literal["none", "nf4"] = "none"
+    # Scheduler
+    max_num_seqs: int = 64
+    max_batch_tokens: int = 4096
+    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    max_waiting: int = 1024  # waiting requests beyond this get 429
+    # Paged KV cache
+    block_size: int = 16
+    kv_cache_gb: float = 1.0
+    num_kv_blocks: int | None = None  # overrides kv_cache_gb (tests use tiny pools to force preemption)
+    # Adapters (filled in by the adapter issues)
+    adapters: dict[str, Path] = field(default_factory=dict)
+    merge_adapter: str | None = None
+    max_resident_adapters: int = 32
+    max_host_adapters: int = 256
+    store: Path = Path(".cache/store")
+    import_dir: Path | None = None
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    api_keys: Path | None = None
+    backend: Literal["native", "vllm"] = "native"
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; default: torch's choice
+
+    def __post_init__(self) -> None:
+        self.model = Path(self.model)
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(TORCH_DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError("--num-kv-blocks must be at least 2")
+        if self.kv_cache_gb <= 0:
+            raise ValueError("--kv-cache-gb must be positive")
+        if self.served_model_name is None:
+            self.served_model_name = self.model.resolve().name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

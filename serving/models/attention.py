@@ -1,0 +1,131 @@
+"""Paged attention in plain torch: the KV cache, the per-step attention metadata, and the attention itself.
+
+The cache is a pool of fixed-size blocks; a sequence's keys and values live in the blocks its block table names.
+Each step's tokens are flattened into one batch ordered decodes first (one token per sequence), then prefill
+chunks. Decodes attend in one batched SDPA call over their gathered context; prefill chunks in a second call,
+padded to the longest chunk. Everything index-shaped is built once per step (`AttentionMetadata`) and shared by
+all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer: [layers, 2, num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.data = torch.zeros(
+            num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+@dataclass(slots=True)
+class AttentionGroup:
+    """Queries of several sequences, padded into one SDPA call.
+
+    q_index:   [B, Q] rows of the group's tokens (relative to the group's first token) feeding each query slot
+    kv_slots:  [B, L] cache slots holding each sequence's context, padded with slot 0
+    mask:      [B, 1, Q, L] True where a query may attend
+    out_index: [n] flat indices into [B * Q] of the real (unpadded) queries, in token order
+    """
+
+    start: int  # first token of the group in the flattened batch
+    num_tokens: int
+    q_index: torch.Tensor
+    kv_slots: torch.Tensor
+    mask: torch.Tensor
+    out_index: torch.Tensor | None  # None when there is no padding (decode: Q == 1)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot each token's key and value are written to
+    groups: list[AttentionGroup]
+
+
+def build_group(
+    start: int,
+    q_lens: list[int],
+    ctx_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> AttentionGroup:
+    """Metadata for sequences whose last `q_lens[i]` of `ctx_lens[i]` cache positions are this step's queries."""
+    batch = len(q_lens)
+    q_max, ctx_max = max(q_lens), max(ctx_lens)
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
+    pos = torch.arange(ctx_max)
+    kv_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+    q_len_t = torch.tensor(q_lens)
+    ctx_t = torch.tensor(ctx_lens)
+    qi = torch.arange(q_max)
+    q_valid = qi[None, :] < q_len_t[:, None]  # [B, Q]
+    q_pos = ctx_t[:, None] - q_len_t[:, None] + qi[None, :]  # cache position of each query
+    q_pos = torch.where(q_valid, q_pos, torch.zeros_like(q_pos))  # padded queries attend to position 0 only
+    mask = pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]; causal, and hides padding past ctx_len
+    first = torch.tensor([0] + q_lens[:-1]).cumsum(0)
+    q_index = torch.where(q_valid, first[:, None] + qi[None, :], torch.zeros_like(q_pos))
+    out_index = None if q_max == 1 else torch.nonzero(q_valid.flatten(), as_tuple=True)[0]
+    return AttentionGroup(
+        start=start,
+        num_tokens=sum(q_lens),
+        q_index=q_index.to(device),
+        kv_slots=kv_slots.to(device),
+        mask=mask[:, None].to(device),
+        out_index=None if out_index is None else out_index.to(device),
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's keys and values into the cache, then attend.
+
+    q: [T, H, D]; k, v: [T, KV, D]; cache: [2, slots, KV, D] (one layer). Returns [T, H, D].
+    """
+    cache[0].index_copy_(0, meta.slot_mapping, k)
+    cache[1].index_copy_(0, meta.slot_mapping, v)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    out = q.new_empty(q.shape)
+    for g in meta.groups:
+        q_g = q[g.start : g.start + g.num_tokens][g.q_index]  # [B, Q, H, D]
+        k_g = cache[0][g.kv_slots]  # [B, L, KV, D]
+        v_g = cache[1][g.kv_slots]
+        o = F.scaled_dot_product_attention(
+            q_g.transpose(1, 2),
+            k_g.transpose(1, 2),
+            v_g.transpose(1, 2),
+            attn_mask=g.mask,
+            scale=scale,
+            enable_gqa=num_heads != k.shape[1],
+        )  # [B, H, Q, D]
+        o = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        out[g.start : g.start + g.num_tokens] = o if g.out_index is None else o[g.out_index]
+    return out
