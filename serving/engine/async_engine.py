@@ -1,0 +1,149 @@
+"""The engine behind the HTTP server: one background thread steps `LLMEngine`; asyncio callers stream outputs.
+
+Torch releases the GIL inside its kernels, so the event loop keeps answering HTTP while a step runs. Commands
+(add, abort) cross into the step thread through a queue and are applied between steps; outputs cross back with
+`loop.call_soon_threadsafe` into one asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..config import ServeConfig
+from .llm_engine import EngineStats, LLMEngine
+from .request import EngineOverloaded, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, config: ServeConfig, engine: LLMEngine | None = None) -> None:
+        self.config = config
+        self.engine = engine or LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name: str = config.served_model_name or config.model.name
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._pending_adds = 0  # requests sent to the step thread and not yet queued by the scheduler
+        self._pending_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the step thread; call from inside the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="switchboard-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- API ------------------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.engine.stats()
+        s.num_waiting += self._pending_adds
+        return s
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request and frees its blocks."""
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the engine is not running")
+        if self.stats().num_waiting >= self.config.max_waiting:
+            raise EngineOverloaded(retry_after_s=1)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        with self._pending_lock:
+            self._pending_adds += 1
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, adapter_id))
+        remaining = params.n
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self._commands.put(_Abort(request_id))
+
+    # ---- the step thread ------------------------------------------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+
+    def _apply(self, cmd: _Add | _Abort) -> None:
+        if isinstance(cmd, _Abort):
+            self.engine.abort_request(cmd.request_id)
+            return
+        with self._pending_lock:
+            self._pending_adds -= 1
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id)
+        except ValueError as exc:
+            self._send(cmd.request_id, exc)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            # Block for a command only when there is nothing to step.
+            block = not self.engine.has_unfinished()
+            while True:
+                try:
+                    cmd = self._commands.get(block=block)
+                except queue.Empty:
+                    break
+                if cmd is None:
+                    return
+                self._apply(cmd)
+                block = False
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step must not hang every caller
+                log.exception("engine step failed")
+                for request_id in list(self._streams):
+                    self._send(request_id, RuntimeError(f"engine step failed: {exc}"))
+                    self.engine.abort_request(request_id)
+                continue
+            for out in outputs:
+                self._send(out.request_id, out)

@@ -1,0 +1,189 @@
+"""The synchronous engine: add requests, call `step()` until done. `LLMEngine.step()` is schedule, run, sample,
+post-process; the async server drives the same object from one background thread."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ..config import ServeConfig
+from ..models.attention import KVCache
+from ..models.config import ModelConfig
+from ..models.loader import load_model
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .request import FinishReason, RequestOutput, SamplingParams
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions: int
+
+
+def load_tokenizer(model_dir) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(str(model_dir))  # local files only; never trust_remote_code
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise ValueError(f"{model_dir}: a fast (tokenizer.json) tokenizer is required")
+    return tok
+
+
+class LLMEngine:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.torch_device
+        self.model_config = ModelConfig.from_dir(config.model)
+        mc = self.model_config
+        limit = mc.max_position_embeddings
+        if mc.sliding_window:  # attend fully inside the window: never run past it
+            limit = min(limit, mc.sliding_window)
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.model = load_model(config.model, config.torch_dtype, self.device, max_positions=self.max_model_len)
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = set(mc.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        per_block = KVCache.bytes_per_block(
+            mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype
+        )
+        num_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_gb * 2**30) // per_block)
+        self.kv_cache = KVCache(
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype, self.device
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batch_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self._requests: dict[str, list[Sequence]] = {}
+        self._num_preemptions = 0
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter_id: str | None = None,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens; the context window is {self.max_model_len}"
+            )
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None and not params.greedy:
+                generator = torch.Generator().manual_seed(params.seed + index)
+            seqs.append(
+                Sequence(
+                    request_id=request_id,
+                    index=index,
+                    prompt_token_ids=list(prompt_token_ids),
+                    params=params,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_token_ids, params.stop),
+                    adapter_id=adapter_id,
+                    generator=generator,
+                )
+            )
+        self._requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel every choice of a request and free its blocks (a client went away)."""
+        for seq in self._requests.pop(request_id, []):
+            if not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.ABORT)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=self.blocks.num_blocks,
+            num_free_kv_blocks=self.blocks.num_free,
+            num_preemptions=self._num_preemptions,
+        )
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        self._num_preemptions += plan.num_preempted
+        updated: list[Sequence] = list(plan.finished)
+        if plan.scheduled:
+            logits = self.runner.run(plan)
+            sampling = [s.seq for s in plan.scheduled if s.samples]
+            for s in plan.scheduled:
+                s.seq.num_computed += s.num_tokens
+            tokens, logprobs = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
+            for seq, token, lp in zip(sampling, tokens, logprobs):
+                self._append(seq, token, lp)
+            updated.extend(sampling)
+        return [self._output(seq) for seq in updated]
+
+    def _append(self, seq: Sequence, token: int, lp) -> None:
+        seq.output_token_ids.append(token)
+        seq.pending_token_ids.append(token)
+        if lp is not None:
+            seq.pending_logprobs.append(lp)
+        p = seq.params
+        reason = None
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            reason = FinishReason.STOP
+        elif seq.detokenizer.add(token) is not None:
+            reason = FinishReason.STOP
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        finished = seq.status is SequenceStatus.FINISHED
+        out = RequestOutput(
+            request_id=seq.request_id,
+            index=seq.index,
+            new_text=seq.detokenizer.take(final=finished),
+            new_token_ids=seq.pending_token_ids,
+            logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_token_ids),
+            completion_tokens=len(seq.output_token_ids),
+        )
+        seq.pending_token_ids, seq.pending_logprobs = [], []
+        if finished:
+            seqs = self._requests.get(seq.request_id, [])
+            if all(s.is_finished for s in seqs):
+                self._requests.pop(seq.request_id, None)
+        return out
+
+    # ---- convenience for tests and benchmarks ---------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Run prompts to completion (all admitted at once, continuously batched); token ids per prompt."""
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for rid, prompt in zip(ids, prompts):
+            self.add_request(rid, prompt, params)
+        result: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.index == 0:
+                    result[out.request_id].extend(out.new_token_ids)
+        return [result[rid] for rid in ids]

@@ -1,0 +1,61 @@
+"""Turn a scheduled step into tensors, run the model once, and return the logits of the rows that sample."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.attention import AttentionMetadata, KVCache, build_group
+from ..models.linear import LinearDeltas
+from ..models.llama import LlamaModel
+from .scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, device: torch.device) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.device = device
+
+    def prepare(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """input_ids [T], positions [T], attention metadata, and the token rows whose logits are sampled."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        groups = []
+        bs = self.block_size
+        for part in (step.decodes, step.prefills):
+            if not part:
+                continue
+            start = len(ids)
+            q_lens, ctx_lens, tables = [], [], []
+            for s in part:
+                seq, n = s.seq, s.num_tokens
+                first = seq.num_computed
+                ids.extend(seq.token_ids[first : first + n])
+                pos = range(seq.prefix_len + first, seq.prefix_len + first + n)
+                positions.extend(pos)
+                table = seq.block_table
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
+                if s.samples:
+                    sample_rows.append(len(ids) - 1)
+                q_lens.append(n)
+                ctx_lens.append(seq.prefix_len + first + n)
+                tables.append(table)
+            groups.append(build_group(start, q_lens, ctx_lens, tables, bs, self.device))
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), groups=groups)
+        return (
+            torch.tensor(ids, device=dev),
+            torch.tensor(positions, device=dev),
+            meta,
+            torch.tensor(sample_rows, device=dev),
+        )
+
+    @torch.inference_mode()
+    def run(self, step: SchedulerOutput, deltas: LinearDeltas | None = None) -> torch.Tensor:
+        """Logits [N, vocab] (float32) for the scheduled sequences that sample, in `step.scheduled` order."""
+        input_ids, positions, meta, sample_rows = self.prepare(step)
+        hidden = self.model(input_ids, positions, self.kv_cache.data, meta, deltas)
+        return self.model.logits(hidden[sample_rows])

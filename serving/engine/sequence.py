@@ -1,0 +1,73 @@
+"""One generated continuation (a choice) of a request, with its place in the KV cache."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .request import FinishReason, SamplingParams, TokenLogprob
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # choice number within the request
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    adapter_id: str | None = None
+    prefix_len: int = 0  # cache positions filled by a prefix adapter before the first real token
+    generator: torch.Generator | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys and values are in the cache (prefix positions not counted)
+    finish_reason: FinishReason | None = None
+    # Output not yet handed to the caller
+    pending_text: str = ""
+    pending_token_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def cache_len(self, num_tokens: int) -> int:
+        """Cache positions needed to hold the prefix and `num_tokens` real tokens."""
+        return self.prefix_len + num_tokens
+
+    def reset_for_recompute(self) -> None:
+        """Preemption by recompute: forget the cache; prompt and generated tokens are recomputed on return."""
+        self.block_table = []
+        self.num_computed = 0
+        self.num_preemptions += 1
+        self.status = SequenceStatus.WAITING
