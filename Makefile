@@ -1,0 +1,38 @@
+# Two set-up commands work on a fresh clone: `make serve` and `make test`. Both create .venv and install the
+# project with torch pinned (torch==2.13.0: a CPU wheel here, a CUDA build on a GPU machine).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+
+.PHONY: install serve test bench lint demo-model clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo-model: $(STAMP)
+	$(VENV)/bin/switchboard demo-model --out .cache/demo-model
+
+serve: demo-model
+	$(VENV)/bin/switchboard serve --model .cache/demo-model --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: demo-model
+	$(VENV)/bin/switchboard bench --model .cache/demo-model
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check serving adapters_store kernels loadtest tests
+
+clean:
+	rm -rf $(VENV) .cache bench-results

