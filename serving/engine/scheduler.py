@@ -81,6 +81,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            if n == 0:  # nothing new to compute (cannot happen after a sampled step, but cost nothing)
+                i += 1
+                continue
             target = seq.num_computed + n
             while not self.blocks.can_grow(seq, target) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
