@@ -29,7 +29,7 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_batch_tokens: int = 4096
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
-    max_waiting: int = 1024  # waiting requests beyond this get 429
+    max_waiting: int = 1024  # waiting sequences (choices) beyond this: new requests get 429
     # Paged KV cache
     block_size: int = 16
     kv_cache_gb: float = 1.0

@@ -32,7 +32,7 @@ class ApiError(Exception):
         status: int,
         message: str,
         *,
-        type: str = INVALID_REQUEST,  # noqa: A002 - OpenAI's field name
+        type: str = INVALID_REQUEST,  # OpenAI's field name
         code: str | None = None,
         param: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -52,7 +52,7 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:  # noqa: A002
+def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

@@ -61,6 +61,8 @@ class AsyncEngine:
         self._commands.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
+        for stream in self._streams.values():  # nobody will step these again: end their callers' waits
+            stream.put_nowait(RuntimeError("the server is shutting down"))
 
     # ---- API ------------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

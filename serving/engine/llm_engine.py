@@ -34,7 +34,7 @@ class EngineStats:
 def load_tokenizer(model_dir) -> PreTrainedTokenizerFast:
     tok = AutoTokenizer.from_pretrained(str(model_dir))  # local files only; never trust_remote_code
     if not isinstance(tok, PreTrainedTokenizerFast):
-        raise ValueError(f"{model_dir}: a fast (tokenizer.json) tokenizer is required")
+        raise TypeError(f"{model_dir}: a fast (tokenizer.json) tokenizer is required")
     return tok
 
 
@@ -146,9 +146,7 @@ class LLMEngine:
             seq.pending_logprobs.append(lp)
         p = seq.params
         reason = None
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            reason = FinishReason.STOP
-        elif seq.detokenizer.add(token) is not None:
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos) or seq.detokenizer.add(token) is not None:
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

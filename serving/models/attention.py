@@ -72,7 +72,6 @@ def build_group(
     device: torch.device,
 ) -> AttentionGroup:
     """Metadata for sequences whose last `q_lens[i]` of `ctx_lens[i]` cache positions are this step's queries."""
-    batch = len(q_lens)
     q_max, ctx_max = max(q_lens), max(ctx_lens)
     max_blocks = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)

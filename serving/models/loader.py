@@ -32,7 +32,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, f.get_tensor(name)
 
 

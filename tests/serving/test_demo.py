@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from switchboard.serving.demo import DemoSpec, build_demo_model, ensure_demo_model, tiny_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from switchboard.serving.demo import DemoSpec, build_demo_model, ensure_demo_model, tiny_spec
 
 GREEDY_PROMPTS = ["def main():\n", "The quick brown fox", "héllo wörld ✓"]
 GREEDY_TOKENS = 32

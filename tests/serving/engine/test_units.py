@@ -55,7 +55,7 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution() -> None:
 
 def test_logprobs_are_log_softmax_of_the_model_distribution() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
-    tokens, lps = sample(logits, [SamplingParams(temperature=0.0, logprobs=2)], [None])
+    _, lps = sample(logits, [SamplingParams(temperature=0.0, logprobs=2)], [None])
     ref = torch.log_softmax(logits[0], -1)
     assert lps[0].token_id == 0 and lps[0].logprob == pytest.approx(ref[0].item())
     assert [t for t, _ in lps[0].top] == [0, 1]

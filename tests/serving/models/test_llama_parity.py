@@ -6,14 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from switchboard.serving.models.attention import AttentionMetadata, KVCache, build_group
 from switchboard.serving.models.config import ModelConfig, UnsupportedModelError
 from switchboard.serving.models.loader import load_model
 
-SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4)
+SMALL = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4}
 CASES = {
     "llama-gqa": (LlamaForCausalLM, LlamaConfig(**SMALL, num_key_value_heads=2)),
     "llama3-rope-scaling": (

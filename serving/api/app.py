@@ -1,0 +1,189 @@
+"""The OpenAI-compatible HTTP app: `create_app(engine, config)` wires routes, error handlers and metrics.
+
+A generation request goes: validate the body (schemas) -> resolve `model`/`adapter_id` (resolve) -> token ids and
+budget (prompts) -> SamplingParams -> admit the engine requests (generation; 429 when the queue is full) -> stream
+SSE chunks (streaming) or collect one response (responses).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from transformers import PreTrainedTokenizerBase
+
+from switchboard.serving.api.errors import bad_request, install_error_handlers
+from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
+from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
+from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
+from switchboard.serving.api.responses import (
+    ChatFormat,
+    ChoiceState,
+    CompletionFormat,
+    ResponseFormat,
+    TokenTexts,
+    usage,
+)
+from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from switchboard.serving.api.streaming import EventStreamResponse, stream_events
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.request import RequestOutput, SamplingParams
+from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
+
+# Status for a client that went away before its (non-streamed) response was ready; nobody reads it, the metrics do.
+CLIENT_CLOSED_REQUEST = 499
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat's default: the rest of the context)
+
+
+class Engine(Protocol):
+    """What the API needs of `AsyncEngine`."""
+
+    tokenizer: PreTrainedTokenizerBase
+    model_name: str
+    max_model_len: int
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None = None
+    ) -> AsyncGenerator[RequestOutput, None]: ...
+
+    def stats(self) -> StatsSource: ...
+
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    metrics = ServerMetrics(engine.stats)
+    texts = TokenTexts(engine.tokenizer)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="Switchboard", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.config = config
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, metrics=metrics)
+
+    def resolve(body: SamplingFields) -> ResolvedModel:
+        return resolve_model(body.model, body.adapter_id, base_model=engine.model_name)
+
+    async def serve(
+        request: Request,
+        body: SamplingFields,
+        fmt: ResponseFormat,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        resolved: ResolvedModel,
+        timer: GenerationTimer,
+    ) -> Response:
+        request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        generation = Generation(engine.generate, request_id, prompts, params, resolved.adapter_id, timer)
+        try:
+            await unless_disconnected(request, generation.start())
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        header = {"id": request_id, "object": fmt.object, "created": int(time.time()), "model": resolved.name}
+        if body.stream:
+            events = stream_events(generation, fmt, texts, header, body.include_usage)
+            return EventStreamResponse(events, on_close=generation.aclose)
+        try:
+            states = await unless_disconnected(request, _collect(generation, texts))
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        finally:
+            await generation.aclose()
+        completion_tokens = sum(state.completion_tokens for state in states)
+        return JSONResponse(
+            {
+                **header,
+                "choices": [fmt.choice(i, state) for i, state in enumerate(states)],
+                "usage": usage(generation.prompt_tokens, completion_tokens),
+            }
+        )
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        timer = metrics.timer()
+        _refuse_unsupported(body)
+        resolved = resolve(body)
+        prompts = completion_prompts(body.prompt, engine.tokenizer)
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+        for ids in prompts:
+            completion_budget(len(ids), max_tokens, engine.max_model_len, what="prompt")
+        params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
+        fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None)
+        return await serve(request, body, fmt, prompts, params, resolved, timer)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        timer = metrics.timer()
+        _refuse_unsupported(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
+        resolved = resolve(body)
+        prompt = chat_prompt(body.messages, engine.tokenizer)
+        max_tokens = completion_budget(len(prompt), body.requested_max_tokens(), engine.max_model_len, what="messages")
+        params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs())
+        fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
+        return await serve(request, body, fmt, [prompt], params, resolved, timer)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": model_cards(engine.model_name, engine.max_model_len, created)}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _collect(generation: Generation, texts: TokenTexts) -> list[ChoiceState]:
+    states = [ChoiceState() for _ in range(generation.num_choices)]
+    async with aclosing(generation.outputs()) as outputs:
+        async for item in outputs:
+            states[item.choice].update(item.output, texts)
+    return states
+
+
+def _refuse_unsupported(body: SamplingFields) -> None:
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        names = ", ".join(f"`{name}`" for name in unsupported)
+        raise bad_request(f"This server does not support {names}; leave it unset.", param=unsupported[0])
+
+
+def _sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),  # vLLM's -1 and our 0 both mean "off"
+            seed=body.seed,
+            stop=body.stop_list(),
+            stop_token_ids=list(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            n=body.n,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc

@@ -1,0 +1,104 @@
+"""From a request's prompt or messages to validated token ids, and the token budget each prompt may use.
+
+Everything here raises `ApiError` (400) with OpenAI's messages; nothing touches the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from switchboard.serving.api.errors import ApiError, bad_request
+from switchboard.serving.api.schemas import ChatMessage, PromptField
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+def completion_prompts(prompt: PromptField, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """One token-id list per prompt. Texts are tokenized as the tokenizer expects (its special tokens added)."""
+    if isinstance(prompt, str):
+        batch: Sequence[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(item, int) for item in prompt):
+        batch = [list(prompt)]  # type: ignore[arg-type]  # one prompt given as token ids
+    else:
+        batch = prompt  # type: ignore[assignment]  # several texts or several token-id lists
+    if not batch or any(item == "" for item in batch):  # "" is empty even if the tokenizer would add a BOS
+        raise bad_request("The prompt must not be empty.", param="prompt")
+    prompts = [tokenizer.encode(item) if isinstance(item, str) else list(item) for item in batch]
+    for ids in prompts:
+        check_token_ids(ids, tokenizer, param="prompt")
+    return prompts
+
+
+def chat_prompt(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Render `messages` with the model's chat template and tokenize the result with exactly one BOS.
+
+    A template that writes the BOS text itself is tokenized without special tokens; otherwise the tokenizer adds
+    what it normally adds. A doubled BOS (template and tokenizer both adding it) is collapsed to one.
+    """
+    conversation = [_template_message(message) for message in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except TemplateError as exc:
+        raise bad_request(
+            f"The messages could not be rendered with the model's chat template: {exc}", param="messages"
+        ) from exc
+    except ValueError as exc:  # transformers: the tokenizer has no chat template
+        raise bad_request(f"This model cannot serve chat completions: {exc}", param="messages") from exc
+    assert isinstance(text, str)
+    bos_text = tokenizer.bos_token
+    template_wrote_bos = isinstance(bos_text, str) and bool(bos_text) and text.startswith(bos_text)
+    ids = tokenizer.encode(text, add_special_tokens=not template_wrote_bos)
+    bos_id = tokenizer.bos_token_id
+    while bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
+        ids = ids[1:]
+    check_token_ids(ids, tokenizer, param="messages")
+    return ids
+
+
+def _template_message(message: ChatMessage) -> dict[str, str]:
+    # Most templates know "system" but not OpenAI's newer "developer" role, which means the same.
+    role = "system" if message.role == "developer" else message.role
+    rendered = {"role": role, "content": message.text()}
+    if message.name is not None:
+        rendered["name"] = message.name
+    return rendered
+
+
+def check_token_ids(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, *, param: str) -> None:
+    if not ids:
+        raise bad_request("The prompt must not be empty.", param=param)
+    vocab_size = len(tokenizer)
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise bad_request(f"Token id {bad[0]} is out of the vocabulary [0, {vocab_size}).", param=param)
+
+
+def completion_budget(prompt_len: int, max_tokens: int | None, max_model_len: int, *, what: str) -> int:
+    """The number of tokens to generate after a prompt of `prompt_len` tokens; 400 if it cannot fit.
+
+    `max_tokens=None` means "the rest of the context window" (chat's default). `what` names the prompt in the
+    message ("prompt" or "messages"), as OpenAI does.
+    """
+    if max_tokens is None:
+        if prompt_len >= max_model_len:
+            raise _context_error(
+                f"This model's maximum context length is {max_model_len} tokens. However, your {what} resulted "
+                f"in {prompt_len} tokens. Please reduce the length of the {what}.",
+                what,
+            )
+        return max_model_len - prompt_len
+    if prompt_len + max_tokens > max_model_len:
+        raise _context_error(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the completion). "
+            f"Please reduce the length of the {what} or completion.",
+            what,
+        )
+    return max_tokens
+
+
+def _context_error(message: str, what: str) -> ApiError:
+    return bad_request(message, param=what, code=CONTEXT_LENGTH_EXCEEDED)

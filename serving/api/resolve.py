@@ -1,0 +1,65 @@
+"""Which model a request means: the base model or an adapter (`model` and `adapter_id`), and the `/v1/models` list.
+
+The adapter registry does not exist yet: `AdapterLookup` is the seam it will plug into. Until then no adapter is
+registered, so any non-null `adapter_id` answers 404 `adapter_not_found`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from switchboard.serving.api.errors import ApiError
+
+# adapter id -> whether an adapter with that id exists and the caller may use it.
+AdapterLookup = Callable[[str], bool]
+
+
+def no_adapters(_: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    adapter_id: str | None  # None: the base model
+    name: str  # what responses report as `model`: the adapter id, or the base model's name
+
+
+def resolve_model(
+    model: str | None, adapter_id: str | None, *, base_model: str, adapter_exists: AdapterLookup = no_adapters
+) -> ResolvedModel:
+    """Resolve a request's `model` and `adapter_id` (the vLLM and LoRAX convention).
+
+    - `adapter_id` set: that adapter (404 `adapter_not_found` if unknown); `model` must then be absent, the base
+      model, or the same adapter.
+    - `adapter_id` absent: `model` absent or the base model means the base model; `model` naming an adapter means
+      that adapter; anything else is 404 `model_not_found`.
+    """
+    if adapter_id is not None:
+        if not adapter_exists(adapter_id):
+            raise ApiError(
+                404, f"The adapter `{adapter_id}` does not exist.", code="adapter_not_found", param="adapter_id"
+            )
+        if model not in (None, base_model, adapter_id):
+            raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+        return ResolvedModel(adapter_id=adapter_id, name=adapter_id)
+    if model is None or model == base_model:
+        return ResolvedModel(adapter_id=None, name=base_model)
+    if adapter_exists(model):
+        return ResolvedModel(adapter_id=model, name=model)
+    raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
+
+
+def model_cards(base_model: str, max_model_len: int, created: int | None = None) -> list[dict[str, Any]]:
+    """The `/v1/models` entries. Adapter entries (`parent`: the base model id, `kind`) will be appended here."""
+    return [
+        {
+            "id": base_model,
+            "object": "model",
+            "created": created if created is not None else int(time.time()),
+            "owned_by": "switchboard",
+            "max_model_len": max_model_len,
+        }
+    ]
