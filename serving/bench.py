@@ -29,7 +29,7 @@ def make_prompts(tokenizer, n: int, prompt_len: int) -> list[list[int]]:
     out = []
     for i in range(n):
         start = (i * 97) % (len(ids) - prompt_len)
-        out.append([tokenizer.bos_token_id] + ids[start : start + prompt_len - 1])
+        out.append([tokenizer.bos_token_id, *ids[start : start + prompt_len - 1]])
     return out
 
 
@@ -88,7 +88,8 @@ def run_bench(args: argparse.Namespace, model_dir: Path) -> dict:
         "greedy, EOS ignored"
     )
     print(f"\nWorkload: {workload}; model {model_dir}; {torch.get_num_threads()} threads; {platform.processor()}")
-    print(f"| dtype | switchboard tok/s | HF one at a time | HF batch of {args.num_requests} | vs one at a time | vs batch |")
+    n = args.num_requests
+    print(f"| dtype | switchboard tok/s | HF one at a time | HF batch of {n} | vs one at a time | vs batch |")
     print("|---|---|---|---|---|---|")
     for dtype, r in results.items():
         print(

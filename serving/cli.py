@@ -48,7 +48,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
 
 
-def resolve_model(model: str) -> Path:
+def model_dir(model: str) -> Path:
+    """`demo` means the embedded demo checkpoint, built once under .cache/."""
     if model == "demo":
         from .demo import ensure_demo_model
 
@@ -64,7 +65,7 @@ def _serve(args: argparse.Namespace) -> None:
     from .engine.async_engine import AsyncEngine
 
     config = ServeConfig(
-        model=resolve_model(args.model),
+        model=model_dir(args.model),
         served_model_name=args.served_model_name,
         host=args.host,
         port=args.port,
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "bench":
             from .bench import run_bench
 
-            run_bench(args, resolve_model(args.model))
+            run_bench(args, model_dir(args.model))
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,6 +56,7 @@ class StatsSource(Protocol):
     num_waiting: int
     num_kv_blocks: int
     num_free_kv_blocks: int
+    num_preemptions: int
 
 
 class _EngineCollector(Collector):
@@ -77,6 +78,11 @@ class _EngineCollector(Collector):
         yield _gauge("kv_cache_blocks_total", "Blocks in the paged KV cache.", stats.num_kv_blocks)
         yield _gauge("kv_cache_blocks_used", "KV cache blocks held by sequences.", used)
         yield _gauge("kv_cache_usage_ratio", "Fraction of the KV cache blocks in use (0..1).", ratio)
+        preemptions = CounterMetricFamily(
+            PREFIX + "num_preemptions", "Sequences preempted (blocks freed, recomputed later) since start."
+        )
+        preemptions.add_metric([], stats.num_preemptions)
+        yield preemptions
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # values only exist at scrape time; nothing to check for name clashes up front

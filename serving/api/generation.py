@@ -75,7 +75,7 @@ class Generation:
         """Submit every engine request and wait for each one's first output; 429 if the engine is overloaded."""
         try:
             if len(self._streams) == 1:
-                results: list[RequestOutput | None | BaseException] = [await _first_output(self._streams[0])]
+                results: list[RequestOutput | BaseException | None] = [await _first_output(self._streams[0])]
             else:
                 results = await asyncio.gather(*map(_first_output, self._streams), return_exceptions=True)
         except EngineOverloaded as exc:
@@ -167,7 +167,7 @@ async def _pump(
         async for output in stream:
             queue.put_nowait((prompt_index, output))
         queue.put_nowait(_DONE)
-    except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+    except Exception as exc:
         queue.put_nowait(exc)
 
 

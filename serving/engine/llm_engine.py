@@ -134,7 +134,7 @@ class LLMEngine:
             for s in plan.scheduled:
                 s.seq.num_computed += s.num_tokens
             tokens, logprobs = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
-            for seq, token, lp in zip(sampling, tokens, logprobs):
+            for seq, token, lp in zip(sampling, tokens, logprobs, strict=False):
                 self._append(seq, token, lp)
             updated.extend(sampling)
         return [self._output(seq) for seq in updated]
@@ -146,7 +146,11 @@ class LLMEngine:
             seq.pending_logprobs.append(lp)
         p = seq.params
         reason = None
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos) or seq.detokenizer.add(token) is not None:
+        if (
+            token in p.stop_token_ids
+            or (token in self.eos_token_ids and not p.ignore_eos)
+            or seq.detokenizer.add(token) is not None
+        ):
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
@@ -177,7 +181,7 @@ class LLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Run prompts to completion (all admitted at once, continuously batched); token ids per prompt."""
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for rid, prompt in zip(ids, prompts):
+        for rid, prompt in zip(ids, prompts, strict=False):
             self.add_request(rid, prompt, params)
         result: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():

@@ -44,6 +44,6 @@ def sample(
             logprobs[i] = TokenLogprob(
                 token_id=tokens[i],
                 logprob=float(lp[row, tokens[i]]),
-                top=[] if top is None else list(zip(top.indices.tolist(), top.values.tolist())),
+                top=[] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=False)),
             )
     return tokens, logprobs

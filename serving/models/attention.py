@@ -84,7 +84,7 @@ def build_group(
     q_pos = ctx_t[:, None] - q_len_t[:, None] + qi[None, :]  # cache position of each query
     q_pos = torch.where(q_valid, q_pos, torch.zeros_like(q_pos))  # padded queries attend to position 0 only
     mask = pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]; causal, and hides padding past ctx_len
-    first = torch.tensor([0] + q_lens[:-1]).cumsum(0)
+    first = torch.tensor([0, *q_lens[:-1]]).cumsum(0)
     q_index = torch.where(q_valid, first[:, None] + qi[None, :], torch.zeros_like(q_pos))
     out_index = None if q_max == 1 else torch.nonzero(q_valid.flatten(), as_tuple=True)[0]
     return AttentionGroup(

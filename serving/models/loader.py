@@ -84,7 +84,9 @@ def load_model(
         param, rows = targets[name]
         dest = param.data if rows is None else param.data[rows]
         if dest.shape != tensor.shape:
-            raise ValueError(f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+            raise ValueError(
+                f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+            )
         dest.copy_(tensor.to(dtype))
         seen.add(name)
     missing = sorted(set(targets) - seen)

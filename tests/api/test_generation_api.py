@@ -177,7 +177,7 @@ def test_completion_logprobs(client: openai.OpenAI, model_name: str) -> None:
     assert all(x <= 0.0 for x in lp.token_logprobs)
     assert all(len(top) == 3 for top in lp.top_logprobs)  # partial UTF-8 tokens are named "bytes:\\x..": no clash
     # Greedy: the chosen token is the most likely one.
-    assert all(abs(max(top.values()) - x) < 1e-4 for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+    assert all(abs(max(top.values()) - x) < 1e-4 for top, x in zip(lp.top_logprobs, lp.token_logprobs, strict=False))
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     if not any(token.startswith("bytes:") for token in lp.tokens):
         assert "".join(lp.tokens) == resp.choices[0].text

@@ -21,8 +21,22 @@ def _free_port() -> int:
 def test_serve_command_answers_openai_requests(tiny_model_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
     script = Path(sys.executable).with_name("switchboard")
-    cmd = [str(script), "serve", "--model", str(tiny_model_dir), "--port", str(port), "--dtype", "float32",
-           "--served-model-name", "tiny", "--num-kv-blocks", "64", "--log-level", "warning"]
+    cmd = [
+        str(script),
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        "tiny",
+        "--num-kv-blocks",
+        "64",
+        "--log-level",
+        "warning",
+    ]
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -42,7 +56,9 @@ def test_serve_command_answers_openai_requests(tiny_model_dir: Path, tmp_path: P
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         out = httpx.post(f"{base}/v1/completions", json=body, timeout=30).json()
         assert out["usage"]["completion_tokens"] == 5 and out["model"] == "tiny"
-        assert "switchboard_kv_cache_blocks_total 64.0" in httpx.get(f"{base}/metrics").text
+        exposition = httpx.get(f"{base}/metrics").text
+        assert "switchboard_kv_cache_blocks_total 64.0" in exposition
+        assert "switchboard_num_preemptions_total 0.0" in exposition
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -60,6 +76,7 @@ def test_unsupported_model_directory_fails_with_a_clear_message(tmp_path: Path) 
 @pytest.mark.parametrize("flag", ["--max-num-seqs=0", "--block-size=0"])
 def test_invalid_flags_are_refused(tiny_model_dir: Path, flag: str) -> None:
     script = Path(sys.executable).with_name("switchboard")
-    res = subprocess.run([str(script), "serve", "--model", str(tiny_model_dir), flag], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [str(script), "serve", "--model", str(tiny_model_dir), flag], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2 and "must be at least 1" in res.stderr

@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 def prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     lengths = [3, 5, 8, 13, 17, 21, 26, 30, 34, 39, 44, 50, 57, 63, 70, 9]
-    return [[1] + torch.randint(10, 500, (n - 1,), generator=g).tolist() for n in lengths]
+    return [[1, *torch.randint(10, 500, (n - 1,), generator=g).tolist()] for n in lengths]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _engine(model_dir: Path, **kw) -> LLMEngine:
 
 def test_alone_matches_transformers(tiny_model_dir: Path, prompts, reference) -> None:
     engine = _engine(tiny_model_dir, num_kv_blocks=64)
-    for p, ref in zip(prompts, reference):
+    for p, ref in zip(prompts, reference, strict=False):
         assert engine.generate([p], GREEDY)[0] == ref
 
 

@@ -20,7 +20,13 @@ from switchboard.serving.models.attention import AttentionMetadata, KVCache, bui
 from switchboard.serving.models.config import ModelConfig, UnsupportedModelError
 from switchboard.serving.models.loader import load_model
 
-SMALL = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2, "num_attention_heads": 4}
+SMALL = {
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 112,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 CASES = {
     "llama-gqa": (LlamaForCausalLM, LlamaConfig(**SMALL, num_key_value_heads=2)),
     "llama3-rope-scaling": (
