@@ -1,0 +1,363 @@
+"""What every adapter kind shares: the `Adapter` protocol, the base-model shape it is validated against, the error
+it raises, and the readers for a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+A PEFT directory is untrusted input (users upload it). Everything here refuses rather than guesses: only the
+safetensors file is ever read (never a pickle, never `torch.load`), tensor names and shapes are checked from the
+safetensors header before any tensor is loaded, and every loaded value must be finite.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+# Files a PEFT directory may hold that are pickles (torch.save / pickle.dump). They are named, never opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+# Llama-family projection -> the block attribute that holds it (`model.layers.{i}.{parent}.{module}`)
+TARGET_MODULES: dict[str, str] = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+# PEFT saves a causal LM's adapter tensors as `base_model.model.` + the base model's own parameter name.
+KEY_PREFIX = "base_model.model."
+_MODULE_KEY = re.compile(r"model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.([a-z_]+)\.(.+)")
+
+
+class AdapterKind(str, enum.Enum):
+    LORA = "lora"
+    KRONA = "krona"
+    IA3 = "ia3"
+    PREFIX = "prefix"
+
+
+class AdapterError(ValueError):
+    """Malformed or incompatible adapter; the message names the file and the problem."""
+
+    def __init__(self, problem: str, file: str | None = None) -> None:
+        self.problem = problem
+        self.file = file
+        super().__init__(f"{file}: {problem}" if file else problem)
+
+
+@dataclass(frozen=True, slots=True)
+class BaseModelShape:
+    """What validation needs from the base model."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BaseModelShape.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(out, in) of a projection in nn.Linear layout."""
+        q, kv, h, ff = self.num_heads * self.head_dim, self.kv_dim, self.hidden_size, self.intermediate_size
+        shapes = {
+            "q_proj": (q, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, q),
+            "gate_proj": (ff, h),
+            "up_proj": (ff, h),
+            "down_proj": (h, ff),
+        }
+        if module not in shapes:
+            raise AdapterError(f"unknown target module {module!r}; known: {', '.join(shapes)}")
+        return shapes[module]
+
+    @classmethod
+    def from_hf_config(cls, raw: dict[str, Any]) -> BaseModelShape:
+        """From a Hugging Face `config.json` dict (Llama, Mistral, Qwen2)."""
+        num_heads = raw["num_attention_heads"]
+        return cls(
+            num_layers=raw["num_hidden_layers"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        )
+
+
+class Adapter(Protocol):
+    """One loaded, validated adapter: float32 CPU tensors with scales already folded in."""
+
+    # Read-only attributes (properties here, so that frozen dataclasses satisfy the protocol).
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> AdapterKind: ...
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def num_parameters(self) -> int:
+        """Elements stored in the file (decomposed factors counted as stored, not multiplied out)."""
+        ...
+
+    @property
+    def rank(self) -> int:
+        """LoRA: the largest r; KronA: the largest bound on rank(delta); (IA)3: 0; prefix: virtual tokens."""
+        ...
+
+    @property
+    def merge_exact(self) -> bool:
+        """False for (IA)3 (unmerge divides) and prefix (cannot merge at all)."""
+        ...
+
+    def modules(self) -> list[tuple[int, str]]:
+        """(layer index, module name) pairs whose weights the adapter changes, sorted."""
+        ...
+
+    def delta(self, layer: int, module: str) -> torch.Tensor:
+        """Dense float32 delta in nn.Linear layout [out, in] (LoRA, KronA); for tests and merging only."""
+        ...
+
+    def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """The merged weight (same dtype as `weight`), computed in float32."""
+        ...
+
+    def unmerge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """Undo `merge` (exactly up to rounding when `merge_exact`)."""
+        ...
+
+
+# ---- reading a PEFT directory -------------------------------------------------------------------------------
+
+
+def adapter_files(path: Path) -> tuple[Path, Path]:
+    """The config and weights files of a PEFT directory, refusing pickle-only directories."""
+    if not path.is_dir():
+        raise AdapterError("not a directory", path.name)
+    config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config.is_file():
+        raise AdapterError("missing (a PEFT adapter directory needs adapter_config.json)", CONFIG_FILE)
+    if not weights.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"missing; found only {', '.join(pickles)}: pickle files are never loaded, "
+                f"re-save the adapter with safetensors (save_pretrained(..., safe_serialization=True))",
+                WEIGHTS_FILE,
+            )
+        raise AdapterError("missing", WEIGHTS_FILE)
+    return config, weights
+
+
+def read_config(file: Path) -> dict[str, Any]:
+    """`adapter_config.json` as a dict: UTF-8 JSON holding one object."""
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"larger than {MAX_CONFIG_BYTES} bytes", file.name)
+    try:
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"not UTF-8 ({exc.reason} at byte {exc.start})", file.name) from exc
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", file.name) from exc
+    except RecursionError as exc:
+        raise AdapterError("JSON nested too deeply", file.name) from exc
+    if not isinstance(raw, dict):
+        raise AdapterError(f"must hold a JSON object, got {type(raw).__name__}", file.name)
+    return raw
+
+
+class WeightsFile:
+    """An open safetensors file: the header (names, dtypes, shapes) first, tensors on request."""
+
+    def __init__(self, file: Path, handle: Any) -> None:
+        self.file = file
+        self._handle = handle
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        names: list[str] = handle.keys()  # safe_open handles are not iterable
+        for key in names:
+            meta = handle.get_slice(key)
+            if meta.get_dtype() not in FLOAT_DTYPES:
+                raise self.error(f"tensor {key!r} has dtype {meta.get_dtype()}; expected one of {FLOAT_DTYPES}")
+            self.shapes[key] = tuple(meta.get_shape())
+        if not self.shapes:
+            raise self.error("holds no tensors")
+
+    def error(self, problem: str) -> AdapterError:
+        return AdapterError(problem, self.file.name)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor as contiguous float32 on the CPU; refuses NaN or Inf."""
+        try:
+            value = self._handle.get_tensor(key)
+        except SafetensorError as exc:
+            raise self.error(f"cannot read tensor {key!r}: {exc}") from exc
+        value = value.to(torch.float32).contiguous()
+        if not torch.isfinite(value).all():
+            raise self.error(f"tensor {key!r} holds NaN or Inf values")
+        return value
+
+
+@contextmanager
+def open_weights(file: Path) -> Iterator[WeightsFile]:
+    try:
+        handle_cm = safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"not a valid safetensors file ({exc})", file.name) from exc
+    with handle_cm as handle:
+        yield WeightsFile(file, handle)
+
+
+def parse_key(key: str, file: Path, base: BaseModelShape) -> tuple[int, str, str]:
+    """`base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.{leaf}` -> (i, module, leaf), validated."""
+    match = _MODULE_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) if key.startswith(KEY_PREFIX) else None
+    if match is None:
+        raise AdapterError(
+            f"tensor {key!r} does not name a target module "
+            f"(expected {KEY_PREFIX}model.layers.<i>.<self_attn|mlp>.<module>.<tensor>)",
+            file.name,
+        )
+    layer, parent, module, leaf = int(match[1]), match[2], match[3], match[4]
+    if TARGET_MODULES.get(module) != parent:
+        raise AdapterError(
+            f"tensor {key!r} targets unknown module {parent}.{module}; supported: "
+            + ", ".join(f"{p}.{m}" for m, p in TARGET_MODULES.items()),
+            file.name,
+        )
+    if layer >= base.num_layers:
+        raise AdapterError(f"tensor {key!r} targets layer {layer}; the base model has {base.num_layers}", file.name)
+    return layer, module, leaf
+
+
+def module_key(layer: int, module: str) -> str:
+    """The module's name inside the base model, as PEFT matches `rank_pattern` and friends against it."""
+    return f"model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
+
+
+def group_keys(
+    weights: WeightsFile,
+    base: BaseModelShape,
+    leaves: tuple[str, ...],
+    refused: dict[str, str] | None = None,
+) -> dict[tuple[int, str], dict[str, str]]:
+    """Tensor keys grouped by (layer, module) -> {leaf: key}, sorted; refuses leaves outside `leaves`, with the
+    reason from `refused` (leaf -> why) where one is given."""
+    groups: dict[tuple[int, str], dict[str, str]] = {}
+    for key in weights.shapes:
+        layer, module, leaf = parse_key(key, weights.file, base)
+        for name, why in (refused or {}).items():
+            if leaf == name or leaf.startswith(f"{name}."):
+                raise weights.error(f"tensor {key!r}: {why}")
+        if leaf not in leaves:
+            raise weights.error(f"tensor {key!r}: unexpected tensor {leaf!r}; expected one of {', '.join(leaves)}")
+        groups.setdefault((layer, module), {})[leaf] = key
+    return dict(sorted(groups.items()))
+
+
+def matrix_shape(weights: WeightsFile, key: str) -> tuple[int, int]:
+    """The shape of a tensor that must be a non-empty matrix."""
+    shape = weights.shapes[key]
+    if len(shape) != 2 or 0 in shape:
+        raise weights.error(f"tensor {key!r} has shape {list(shape)}, expected a non-empty matrix")
+    return shape[0], shape[1]
+
+
+def check_shape(weights: WeightsFile, key: str, expected: tuple[int, ...]) -> None:
+    if weights.shapes[key] != expected:
+        raise weights.error(f"tensor {key!r} has shape {list(weights.shapes[key])}, expected {list(expected)}")
+
+
+# ---- config fields (all in adapter_config.json) ---------------------------------------------------------------
+
+
+def config_int(config: dict[str, Any], field: str, *, default: int | None = None, minimum: int = 1) -> int:
+    value = config.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise AdapterError(f"{field} must be an integer >= {minimum}, got {value!r}", CONFIG_FILE)
+    return value
+
+
+def config_number(config: dict[str, Any], field: str, *, default: float | None = None) -> float:
+    value = config.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AdapterError(f"{field} must be a finite number, got {value!r}", CONFIG_FILE)
+    return float(value)
+
+
+def config_bool(config: dict[str, Any], field: str, *, default: bool = False) -> bool:
+    value = config.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise AdapterError(f"{field} must be true or false, got {value!r}", CONFIG_FILE)
+    return value
+
+
+def refuse_options(config: dict[str, Any], reasons: dict[str, str]) -> None:
+    """Refuse every option in `reasons` (field -> why) that the config sets to anything but null, false or empty."""
+    for field, reason in reasons.items():
+        if config.get(field):
+            raise AdapterError(f"{field}={config[field]!r} is not supported: {reason}", CONFIG_FILE)
+
+
+def pattern_value(config: dict[str, Any], field: str, key: str, default: Any) -> Any:
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup for module `key`: the value of the first pattern `p` with
+    `re.match(rf"(.*\\.)?({p})$", key)`, else `default` (peft.utils.other.get_pattern_key)."""
+    patterns = config.get(field)
+    if patterns is None:
+        return default
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{field} must be an object, got {type(patterns).__name__}", CONFIG_FILE)
+    for pattern, value in patterns.items():
+        try:
+            found = re.match(rf"(.*\.)?({pattern})$", key)
+        except re.error as exc:
+            problem = f"{field} key {pattern!r} is not a valid regular expression ({exc})"
+            raise AdapterError(problem, CONFIG_FILE) from exc
+        if found:
+            return value
+    return default
+
+
+def pattern_number(config: dict[str, Any], field: str, key: str, default: float) -> float:
+    """`pattern_value` for a scale such as alpha: a finite number."""
+    value = pattern_value(config, field, key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise AdapterError(f"{field} gives {key} the value {value!r}; expected a finite number", CONFIG_FILE)
+    return float(value)
+
+
+def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: float, what: str) -> torch.Tensor:
+    """`weight + sign * delta` computed in float32, returned in `weight`'s dtype."""
+    if tuple(weight.shape) != tuple(delta.shape):
+        raise AdapterError(f"{what}: weight has shape {list(weight.shape)}, the adapter expects {list(delta.shape)}")
+    return torch.add(weight.to(torch.float32), delta.to(weight.device), alpha=sign).to(weight.dtype)
