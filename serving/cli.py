@@ -27,6 +27,17 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-gb")
     p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="register a PEFT adapter directory under NAME (repeatable)",
+    )
+    p.add_argument(
+        "--merge-adapter", default=None, metavar="NAME", help="fold this LoRA/KronA/(IA)3 adapter into the weights"
+    )
+    p.add_argument("--max-resident-adapters", type=int, default=32, help="device slots per adapter kind")
     p.add_argument("--log-level", default="info")
 
 
@@ -57,6 +68,19 @@ def model_dir(model: str) -> Path:
     return Path(model)
 
 
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`NAME=DIR` pairs from repeated --adapter flags."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter expects NAME=DIR, got {spec!r}")
+        if name in adapters:
+            raise ValueError(f"--adapter {name!r} is given twice")
+        adapters[name] = Path(path)
+    return adapters
+
+
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -80,11 +104,17 @@ def _serve(args: argparse.Namespace) -> None:
         kv_cache_gb=args.kv_cache_gb,
         num_kv_blocks=args.num_kv_blocks,
         num_threads=args.num_threads,
+        adapters=parse_adapters(args.adapter),
+        merge_adapter=args.merge_adapter,
+        max_resident_adapters=args.max_resident_adapters,
     )
     if config.quantize != "none":
         raise SystemExit("--quantize nf4 is not available yet")
     engine = AsyncEngine(config)
     stats = engine.stats()
+    for name, kind in sorted(engine.adapter_kinds.items()):
+        merged = " (merged into the weights)" if name == engine.merged_adapter else ""
+        print(f"switchboard: adapter {name} ({kind}) from {config.adapters[name]}{merged}", flush=True)
     print(
         f"switchboard: serving {config.served_model_name} ({config.model}) dtype={config.dtype} "
         f"device={config.torch_device} context={engine.max_model_len} kv_blocks={stats.num_kv_blocks}"

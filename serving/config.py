@@ -54,6 +54,8 @@ class ServeConfig:
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_resident_adapters < 1:
+            raise ValueError("--max-resident-adapters must be at least 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("--num-kv-blocks must be at least 2")
         if self.kv_cache_gb <= 0:

@@ -46,6 +46,8 @@ class Engine(Protocol):
     tokenizer: PreTrainedTokenizerBase
     model_name: str
     max_model_len: int
+    adapter_kinds: dict[str, str]  # adapter id -> kind, every adapter requests may name
+    merged_adapter: str | None  # the adapter folded into the weights (then the base model is not served)
 
     def start(self) -> None: ...
 
@@ -79,7 +81,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.add_middleware(RequestCounter, metrics=metrics)
 
     def resolve(body: SamplingFields) -> ResolvedModel:
-        return resolve_model(body.model, body.adapter_id, base_model=engine.model_name)
+        return resolve_model(
+            body.model,
+            body.adapter_id,
+            base_model=engine.model_name,
+            adapter_exists=engine.adapter_kinds.__contains__,
+            merged_adapter=engine.merged_adapter,
+        )
 
     async def serve(
         request: Request,
@@ -143,7 +151,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": model_cards(engine.model_name, engine.max_model_len, created)}
+        return {
+            "object": "list",
+            "data": model_cards(engine.model_name, engine.max_model_len, created, engine.adapter_kinds),
+        }
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Which model a request means: the base model or an adapter (`model` and `adapter_id`), and the `/v1/models` list.
 
-The adapter registry does not exist yet: `AdapterLookup` is the seam it will plug into. Until then no adapter is
-registered, so any non-null `adapter_id` answers 404 `adapter_not_found`.
+`AdapterLookup` answers whether an adapter id exists for the caller (the engine's registered adapters; tenants
+arrive with the adapter-store issue). With `--merge-adapter`, the base model itself is not served.
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ class ResolvedModel:
 
 
 def resolve_model(
-    model: str | None, adapter_id: str | None, *, base_model: str, adapter_exists: AdapterLookup = no_adapters
+    model: str | None,
+    adapter_id: str | None,
+    *,
+    base_model: str,
+    adapter_exists: AdapterLookup = no_adapters,
+    merged_adapter: str | None = None,
 ) -> ResolvedModel:
     """Resolve a request's `model` and `adapter_id` (the vLLM and LoRAX convention).
 
@@ -46,20 +51,30 @@ def resolve_model(
             raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
         return ResolvedModel(adapter_id=adapter_id, name=adapter_id)
     if model is None or model == base_model:
+        if merged_adapter is not None:
+            raise ApiError(
+                404,
+                f"The base model is not served: adapter `{merged_adapter}` is merged into its weights; "
+                f"use model `{merged_adapter}`.",
+                code="model_not_found",
+                param="model",
+            )
         return ResolvedModel(adapter_id=None, name=base_model)
     if adapter_exists(model):
         return ResolvedModel(adapter_id=model, name=model)
     raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
 
-def model_cards(base_model: str, max_model_len: int, created: int | None = None) -> list[dict[str, Any]]:
-    """The `/v1/models` entries. Adapter entries (`parent`: the base model id, `kind`) will be appended here."""
-    return [
-        {
-            "id": base_model,
-            "object": "model",
-            "created": created if created is not None else int(time.time()),
-            "owned_by": "switchboard",
-            "max_model_len": max_model_len,
-        }
-    ]
+def model_cards(
+    base_model: str,
+    max_model_len: int,
+    created: int | None = None,
+    adapters: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """The `/v1/models` entries: the base model, then each adapter (id -> kind) with `parent` and `kind`."""
+    created = created if created is not None else int(time.time())
+    base = {"object": "model", "created": created, "owned_by": "switchboard", "max_model_len": max_model_len}
+    cards = [{"id": base_model, **base}]
+    for name, kind in sorted((adapters or {}).items()):
+        cards.append({"id": name, **base, "parent": base_model, "root": base_model, "kind": kind})
+    return cards

@@ -41,6 +41,11 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name: str = config.served_model_name or config.model.name
         self.max_model_len = self.engine.max_model_len
+        merged = self.engine.merged_adapter
+        self.merged_adapter: str | None = None if merged is None else merged.name
+        self.adapter_kinds: dict[str, str] = {name: a.kind.value for name, a in self.engine.adapters.items()}
+        if merged is not None:
+            self.adapter_kinds[merged.name] = merged.kind.value
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_adds = 0  # requests sent to the step thread and not yet queued by the scheduler

@@ -9,6 +9,17 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from switchboard.adapters_store.kinds import (
+    Adapter,
+    AdapterKind,
+    BaseModelShape,
+    IA3Adapter,
+    PrefixAdapter,
+    load_adapter,
+)
+from switchboard.kernels.backend import default_backend, get_kernels
+
+from ..adapter_cache import AdapterSlots
 from ..config import ServeConfig
 from ..models.attention import KVCache
 from ..models.config import ModelConfig
@@ -20,6 +31,10 @@ from .request import FinishReason, RequestOutput, SamplingParams
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+
+
+class UnknownAdapter(KeyError):
+    """A request named an adapter this engine does not hold."""
 
 
 @dataclass(slots=True)
@@ -63,11 +78,87 @@ class LLMEngine:
             mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batch_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device)
+        self.adapters = self._load_adapters(config)
+        self.merged_adapter = self._merge(config.merge_adapter)
+        self.adapter_slots = None
+        kernels = None
+        if self.adapters:
+            self.adapter_slots = AdapterSlots(
+                self.adapters, config.max_resident_adapters, config.torch_dtype, self.device
+            )
+            kernels = get_kernels(default_backend(self.device))
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.max_num_seqs,
+            config.max_batch_tokens,
+            on_admit=self._acquire_adapter,
+            on_release=self._release_adapter,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.adapter_slots, kernels)
         self._requests: dict[str, list[Sequence]] = {}
         self._num_preemptions = 0
         self._ids = itertools.count()
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def _load_adapters(self, config: ServeConfig) -> dict[str, Adapter]:
+        """Every `--adapter NAME=DIR`, parsed and validated against the base model (AdapterError on problems)."""
+        mc = self.model_config
+        shape = BaseModelShape(
+            num_layers=mc.num_layers,
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.intermediate_size,
+            num_heads=mc.num_heads,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+        )
+        return {name: load_adapter(path, shape, name) for name, path in config.adapters.items()}
+
+    def _merge(self, name: str | None) -> Adapter | None:
+        """Fold one LoRA, KronA or (IA)3 adapter into the base weights; the engine then serves that adapter only."""
+        if name is None:
+            return None
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            raise ValueError(f"--merge-adapter {name!r} is not one of the --adapter names")
+        if adapter.kind is AdapterKind.PREFIX:
+            raise ValueError(f"--merge-adapter {name!r}: a prefix adapter cannot be merged into weights")
+        linears = {(lin.layer_idx, part.name): (lin, part) for lin in self.model.linears() for part in lin.parts}
+        with torch.no_grad():
+            for layer, module in adapter.modules():
+                lin, part = linears[(layer, module)]
+                rows = lin.weight.data[part.start : part.stop]
+                rows.copy_(adapter.merge(rows.clone(), layer, module))
+                if isinstance(adapter, IA3Adapter) and lin.bias is not None:  # output scaling scales the bias too
+                    b = lin.bias.data[part.start : part.stop]
+                    b.copy_(adapter.merge_bias(b.clone(), layer, module))
+        return adapter
+
+    def _acquire_adapter(self, seq: Sequence) -> bool:
+        if seq.adapter_kind is None:
+            return True
+        assert self.adapter_slots is not None and seq.adapter_id is not None
+        slot = self.adapter_slots.acquire(seq.adapter_id)
+        if slot is None:
+            return False  # every slot of its kind is held by running sequences: wait
+        seq.adapter_slot = slot
+        return True
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter_kind is not None and seq.adapter_slot >= 0:
+            assert self.adapter_slots is not None and seq.adapter_id is not None
+            self.adapter_slots.release(seq.adapter_id)
+            seq.adapter_slot = -1
+
+    def _write_prefixes(self, seqs: list[Sequence]) -> None:
+        """Write each newly admitted prefix sequence's virtual keys and values into its first cache positions."""
+        for seq in seqs:
+            if seq.prefix_len == 0 or seq.prefix_written:
+                continue
+            assert self.adapter_slots is not None and seq.adapter_id is not None
+            kv = self.adapter_slots.prefix_kv[seq.adapter_id]  # [layers, 2, P, kv_heads, head_dim]
+            slots = torch.tensor([self.blocks.slot(seq, p) for p in range(seq.prefix_len)], device=self.device)
+            self.kv_cache.data[:, :, slots] = kv
+            seq.prefix_written = True
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(
@@ -85,6 +176,19 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(prompt_token_ids)} tokens; the context window is {self.max_model_len}"
             )
+        kind, prefix_len = None, 0
+        if adapter_id is not None and (self.merged_adapter is None or adapter_id != self.merged_adapter.name):
+            adapter = self.adapters.get(adapter_id)
+            if adapter is None:
+                raise UnknownAdapter(adapter_id)
+            kind = adapter.kind
+            if isinstance(adapter, PrefixAdapter):
+                prefix_len = adapter.num_virtual_tokens
+        if prefix_len + len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens and the adapter {prefix_len} virtual tokens; "
+                f"the context window is {self.max_model_len}"
+            )
         seqs = []
         for index in range(params.n):
             generator = None
@@ -98,6 +202,8 @@ class LLMEngine:
                     params=params,
                     detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_token_ids, params.stop),
                     adapter_id=adapter_id,
+                    adapter_kind=kind,
+                    prefix_len=prefix_len,
                     generator=generator,
                 )
             )
@@ -129,6 +235,7 @@ class LLMEngine:
         self._num_preemptions += plan.num_preempted
         updated: list[Sequence] = list(plan.finished)
         if plan.scheduled:
+            self._write_prefixes([s.seq for s in plan.prefills])
             logits = self.runner.run(plan)
             sampling = [s.seq for s in plan.scheduled if s.samples]
             for s in plan.scheduled:
@@ -152,7 +259,7 @@ class LLMEngine:
             or seq.detokenizer.add(token) is not None
         ):
             reason = FinishReason.STOP
-        elif len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(seq.output_token_ids) >= p.max_tokens or seq.cache_len(seq.num_tokens) >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
@@ -178,11 +285,17 @@ class LLMEngine:
         return out
 
     # ---- convenience for tests and benchmarks ---------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter_ids: list[str | None] | None = None,
+    ) -> list[list[int]]:
         """Run prompts to completion (all admitted at once, continuously batched); token ids per prompt."""
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for rid, prompt in zip(ids, prompts, strict=False):
-            self.add_request(rid, prompt, params)
+        adapter_ids = adapter_ids or [None] * len(prompts)
+        for rid, prompt, adapter_id in zip(ids, prompts, adapter_ids, strict=True):
+            self.add_request(rid, prompt, params, adapter_id)
         result: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():
             for out in self.step():

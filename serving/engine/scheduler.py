@@ -9,6 +9,7 @@ sequence is preempted by recompute: its blocks are freed and it returns to the h
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -43,8 +44,27 @@ class SchedulerOutput:
         return len(self.decodes) + sum(s.num_tokens for s in self.prefills)
 
 
+def _always(_: Sequence) -> bool:
+    return True
+
+
+def _nothing(_: Sequence) -> None:
+    return None
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int) -> None:
+    """`on_admit` may refuse a sequence (its adapter has no free device slot); `on_release` undoes it."""
+
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        on_admit: Callable[[Sequence], bool] = _always,
+        on_release: Callable[[Sequence], None] = _nothing,
+    ) -> None:
+        self.on_admit = on_admit
+        self.on_release = on_release
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
@@ -62,6 +82,7 @@ class Scheduler:
         """End a sequence wherever it is and free its blocks."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self.on_release(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.blocks.free(seq)
@@ -70,6 +91,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.on_release(seq)
         self.blocks.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
@@ -107,7 +129,7 @@ class Scheduler:
                 self.finish(seq, FinishReason.LENGTH)  # could never fit, even alone
                 out.finished.append(seq)
                 continue
-            if not self.blocks.can_grow(seq, seq.num_tokens):
+            if not self.blocks.can_grow(seq, seq.num_tokens) or not self.on_admit(seq):
                 break
             self.waiting.popleft()
             self.blocks.grow(seq, seq.num_tokens)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from switchboard.adapters_store.kinds import AdapterKind
+
 from .detokenizer import IncrementalDetokenizer
 from .request import FinishReason, SamplingParams, TokenLogprob
 
@@ -29,7 +31,10 @@ class Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     adapter_id: str | None = None
+    adapter_kind: AdapterKind | None = None
+    adapter_slot: int = -1  # device slot of its adapter while running (-1: none, or not resident)
     prefix_len: int = 0  # cache positions filled by a prefix adapter before the first real token
+    prefix_written: bool = False  # the prefix keys and values are in this sequence's blocks
     generator: torch.Generator | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     arrival_time: float = field(default_factory=time.monotonic)
@@ -69,5 +74,6 @@ class Sequence:
         """Preemption by recompute: forget the cache; prompt and generated tokens are recomputed on return."""
         self.block_table = []
         self.num_computed = 0
+        self.prefix_written = False
         self.num_preemptions += 1
         self.status = SequenceStatus.WAITING

@@ -1,0 +1,74 @@
+"""PEFT adapters of every kind, built on the tiny demo checkpoint with seeded non-zero weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peft_configs() -> dict[str, tuple[PeftConfig, int]]:
+    """name -> (config, seed). Eight adapters over the four kinds."""
+    return {
+        "lora": (LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False), 1),
+        "lora-rslora": (
+            LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, use_rslora=True, init_lora_weights=False),
+            2,
+        ),
+        "lokr-full": (
+            LoKrConfig(r=16, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+            3,
+        ),
+        "lokr-decomposed": (
+            LoKrConfig(
+                r=2,
+                alpha=4,
+                target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+                decompose_both=True,
+                init_weights=False,
+            ),
+            4,
+        ),
+        "ia3": (
+            IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"],
+                feedforward_modules=["down_proj"],
+                init_ia3_weights=False,
+            ),
+            5,
+        ),
+        "prefix": (PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM"), 6),
+        "prefix-b": (PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"), 7),
+        "lora-qv": (LoraConfig(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 8),
+    }
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Seeded, clearly non-zero adapter weights (PEFT's (IA)3 'random' init is still close to one)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                if "ia3_l" in name:
+                    p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
+                elif "prompt_encoder" in name or "embedding" in name:
+                    p.copy_(torch.randn(p.shape, generator=g))
+                else:  # LoRA and LoKr factors: a clear but not overwhelming change of the base
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for name, (config, seed) in peft_configs().items():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model = get_peft_model(base, config)
+        _perturb(model, seed)
+        out[name] = tmp_path_factory.mktemp(f"adapter-{name}")
+        model.save_pretrained(out[name])
+    return out

@@ -1,0 +1,147 @@
+"""Adapters of every kind through our engine: PEFT parity, mixed batches, merged mode, refusals (fp32)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from switchboard.adapters_store.kinds import AdapterError
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.llm_engine import LLMEngine
+from switchboard.serving.engine.request import SamplingParams
+
+KINDS = ["lora", "lora-rslora", "lokr-full", "lokr-decomposed", "ia3", "prefix"]
+PROMPT = [0, 45, 300, 12, 77, 401, 9, 230, 18, 64, 99, 150]
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+
+
+def _engine(model_dir: Path, adapters: dict[str, Path], **kw) -> LLMEngine:
+    return LLMEngine(ServeConfig(model=model_dir, dtype="float32", num_kv_blocks=256, adapters=adapters, **kw))
+
+
+def engine_logits(engine: LLMEngine, prompt: list[int], adapter_id: str | None) -> torch.Tensor:
+    """Logits at every prompt position through the serving path (one prefill step, adapters applied)."""
+    engine.add_request("probe", prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter_id)
+    plan = engine.scheduler.schedule()
+    engine._write_prefixes([s.seq for s in plan.prefills])
+    ids, positions, meta, _ = engine.runner.prepare(plan)
+    with torch.inference_mode():
+        hidden = engine.model(ids, positions, engine.kv_cache.data, meta, engine.runner.adapter_batch(plan))
+        logits = engine.model.logits(hidden)
+    engine.abort_request("probe")
+    return logits
+
+
+def _peft(model_dir: Path, adapter_dir: Path) -> PeftModel:
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    model.generation_config.eos_token_id = None  # like ignore_eos
+    return model
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> LLMEngine:
+    return _engine(tiny_model_dir, peft_adapters)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_logits_and_greedy_tokens_match_peft(
+    name: str, engine: LLMEngine, tiny_model_dir: Path, peft_adapters: dict[str, Path]
+) -> None:
+    peft = _peft(tiny_model_dir, peft_adapters[name])
+    with torch.inference_mode():
+        ref = peft(input_ids=torch.tensor([PROMPT])).logits[0]
+        ref_tokens = peft.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)
+        with peft.disable_adapter():
+            base = peft(input_ids=torch.tensor([PROMPT])).logits[0]
+    ours = engine_logits(engine, PROMPT, name)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (ref - base).abs().max().item() > 1e-2  # the adapter really changes the output
+    assert engine.generate([PROMPT], GREEDY, [name])[0] == ref_tokens[0, len(PROMPT) :].tolist()
+
+
+def test_mixed_batch_of_every_kind_equals_each_request_alone(
+    tiny_model_dir: Path, peft_adapters: dict[str, Path]
+) -> None:
+    names: list[str | None] = [*peft_adapters, None]  # 8 adapters of four kinds, and the base model
+    g = torch.Generator().manual_seed(3)
+    prompts, adapter_ids = [], []
+    for i in range(16):
+        prompts.append(
+            [0, *torch.randint(10, 500, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()]
+        )
+        adapter_ids.append(names[i % len(names)])
+    alone_engine = _engine(tiny_model_dir, peft_adapters)
+    alone = [alone_engine.generate([p], GREEDY, [a])[0] for p, a in zip(prompts, adapter_ids, strict=True)]
+    # All 16 together, with chunked prefill mixed into decodes and one device slot per kind (slots are reused).
+    mixed_engine = _engine(tiny_model_dir, peft_adapters, max_batch_tokens=40, max_resident_adapters=1)
+    assert mixed_engine.generate(prompts, GREEDY, adapter_ids) == alone
+    assert mixed_engine.adapter_slots.num_evictions > 0
+    together = _engine(tiny_model_dir, peft_adapters)
+    assert together.generate(prompts, GREEDY, adapter_ids) == alone
+    assert len({tuple(t) for t in alone}) > 8  # adapters give different continuations
+
+
+@pytest.mark.parametrize("name", ["lora", "lokr-full", "lokr-decomposed", "ia3"])
+def test_merged_equals_unmerged(name: str, engine: LLMEngine, tiny_model_dir: Path, peft_adapters) -> None:
+    merged = _engine(tiny_model_dir, {name: peft_adapters[name]}, merge_adapter=name)
+    unmerged = engine_logits(engine, PROMPT, name)
+    assert (engine_logits(merged, PROMPT, name) - unmerged).abs().max().item() <= 1e-4
+
+
+def test_prefix_cannot_be_merged(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="prefix adapter cannot be merged"):
+        _engine(tiny_model_dir, {"p": peft_adapters["prefix"]}, merge_adapter="p")
+
+
+def _broken(src: Path, dst: Path, how: str) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    if how == "peft_type":
+        config["peft_type"] = "VERA"
+    elif how == "bin":
+        (dst / "adapter_model.safetensors").unlink()
+        (dst / "adapter_model.bin").write_bytes(b"\x80\x04not unpickled")
+    elif how == "unknown-module":
+        config["r"] = 8
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    if how in ("shape", "nan", "unknown-module"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(dst / "adapter_model.safetensors")
+        key = next(k for k in tensors if "q_proj.lora_A" in k)
+        if how == "shape":
+            tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+        elif how == "nan":
+            tensors[key][0, 0] = float("nan")
+        else:
+            tensors[key.replace("q_proj", "qq_proj")] = tensors.pop(key)
+        save_file(tensors, dst / "adapter_model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("peft_type", "VERA"),
+        ("bin", "pickle"),
+        ("shape", "shape"),
+        ("nan", "NaN"),
+        ("unknown-module", "qq_proj"),
+    ],
+)
+def test_malformed_adapters_are_refused_at_start_up(
+    how: str, message: str, tiny_model_dir: Path, peft_adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = _broken(peft_adapters["lora"], tmp_path / "bad", how)
+    with pytest.raises(AdapterError) as err:
+        _engine(tiny_model_dir, {"bad": bad})
+    text = str(err.value)
+    assert message.lower() in text.lower()
+    assert "adapter_config.json" in text or "adapter_model" in text  # names the file
