@@ -1,0 +1,115 @@
+"""Choose the adapter kernels once, by backend, through a dict: callers hold an `AdapterKernels` and never branch.
+
+- REFERENCE: float32 loops over tokens, the spec and the test oracle (slow).
+- TORCH: the fast torch path, the CPU choice (runs on any device).
+- TRITON: Triton shrink, expand and scale (KronA stays on torch: its factors are tiny matmuls); needs CUDA, or
+  TRITON_INTERPRET=1 set before the first load to run on CPU tensors. Triton is imported only by its loader.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import kron, scale, sgmv
+from .segments import Segments
+
+
+class Backend(enum.Enum):
+    REFERENCE = "reference"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterKernels:
+    """One backend's kernels; each has the signature and semantics of the torch function of the same name."""
+
+    backend: Backend
+    lora_shrink: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, A, seg) -> h
+    lora_expand: Callable[[Tensor, Tensor, Tensor, Segments], Tensor]  # (y, h, B, seg) -> y
+    lora_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, A, B, seg) -> y
+    kron_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, W1, W2, seg) -> y
+    segmented_scale: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> x, in place
+    segmented_scaled: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> new tensor
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot be loaded here (the message says why)."""
+
+
+def _reference_scaled(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
+    return scale.segmented_scale_ref(x.clone(memory_format=torch.contiguous_format), V, seg)
+
+
+def _load_reference() -> AdapterKernels:
+    return AdapterKernels(
+        backend=Backend.REFERENCE,
+        lora_shrink=sgmv.lora_shrink_ref,
+        lora_expand=sgmv.lora_expand_ref,
+        lora_apply=sgmv.lora_apply_ref,
+        kron_apply=kron.kron_apply_ref,
+        segmented_scale=scale.segmented_scale_ref,
+        segmented_scaled=_reference_scaled,
+    )
+
+
+def _load_torch() -> AdapterKernels:
+    return AdapterKernels(
+        backend=Backend.TORCH,
+        lora_shrink=sgmv.lora_shrink,
+        lora_expand=sgmv.lora_expand,
+        lora_apply=sgmv.lora_apply,
+        kron_apply=kron.kron_apply,
+        segmented_scale=scale.segmented_scale,
+        segmented_scaled=scale.segmented_scaled,
+    )
+
+
+def _load_triton() -> AdapterKernels:
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        raise BackendUnavailable(reason)
+    from . import triton_scale, triton_sgmv
+
+    return AdapterKernels(
+        backend=Backend.TRITON,
+        lora_shrink=triton_sgmv.triton_lora_shrink,
+        lora_expand=triton_sgmv.triton_lora_expand,
+        lora_apply=triton_sgmv.triton_lora_apply,
+        kron_apply=kron.kron_apply,
+        segmented_scale=triton_scale.triton_segmented_scale,
+        segmented_scaled=triton_scale.triton_segmented_scaled,
+    )
+
+
+_LOADERS: dict[Backend, Callable[[], AdapterKernels]] = {
+    Backend.REFERENCE: _load_reference,
+    Backend.TORCH: _load_torch,
+    Backend.TRITON: _load_triton,
+}
+
+
+def triton_unavailable_reason() -> str | None:
+    """None when the `triton` package can be imported, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    return None
+
+
+@functools.cache
+def get_kernels(backend: Backend) -> AdapterKernels:
+    """The kernels of `backend`, loaded once. Raises BackendUnavailable (TRITON without the package)."""
+    return _LOADERS[backend]()
+
+
+def default_backend(device: torch.device | str) -> Backend:
+    """TRITON on a CUDA device when Triton is installed, else TORCH."""
+    cuda = torch.device(device).type == "cuda"
+    return Backend.TRITON if cuda and triton_unavailable_reason() is None else Backend.TORCH

@@ -1,0 +1,174 @@
+"""LoRA over a mixed batch: segmented shrink (h = x A^T) and expand (y += h B^T), one adapter slot per token.
+
+Slots are stacked: `A: [S, r_max, in]`, `B: [S, out, r_max]`, ranks zero-padded up to r_max, the LoRA scale
+already folded into B. The `_ref` functions are the spec and the test oracle (a float32 loop over tokens).
+
+The fast torch path never copies adapter weights per token. Long runs (prefill chunks) get one matmul each on the
+slot's weights in place (SGMV). All other tokens (decode tokens, short runs) are done at once in a gather form
+whose shape depends on how the slots are laid out in memory:
+
+- k-major slots (A stored as [S, in, r], B as [S, r, out], passed as their transposed views so the shapes above
+  hold): an embedding bag, each token summing the weight rows its activations select, straight from the slot
+  tensors: no copies, two calls whatever the number of adapters (the fastest form on CPU, see bench.py);
+- row-major slots: tokens grouped by slot into a padded [U, width] batch and one bmm over the U distinct slots,
+  copying only those U slots' weights (none when they are exactly slots 0..U-1).
+
+Allocate slots k-major for decode speed: `torch.empty(S, in, r).transpose(1, 2)` and
+`torch.empty(S, r, out).transpose(1, 2)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .segments import NO_SLOT, Gather, Segments
+
+
+def lora_shrink_ref(x: Tensor, A: Tensor, seg: Segments) -> Tensor:
+    """Reference for `lora_shrink`: a float32 loop over tokens."""
+    h = torch.zeros(x.shape[0], A.shape[1], dtype=torch.float32, device=x.device)
+    for t, s in enumerate(seg.token_slots.tolist()):
+        if s != NO_SLOT:
+            h[t] = A[s].float() @ x[t].float()
+    return h.to(x.dtype)
+
+
+def lora_expand_ref(y: Tensor, h: Tensor, B: Tensor, seg: Segments) -> Tensor:
+    """Reference for `lora_expand`: a float32 loop over tokens, in place on y."""
+    for t, s in enumerate(seg.token_slots.tolist()):
+        if s != NO_SLOT:
+            y[t] = (y[t].float() + B[s].float() @ h[t].float()).to(y.dtype)
+    return y
+
+
+def lora_apply_ref(y: Tensor, x: Tensor, A: Tensor, B: Tensor, seg: Segments) -> Tensor:
+    """Reference for `lora_apply`: shrink and expand in float32 with no rounding in between, in place on y."""
+    for t, s in enumerate(seg.token_slots.tolist()):
+        if s != NO_SLOT:
+            y[t] = (y[t].float() + B[s].float() @ (A[s].float() @ x[t].float())).to(y.dtype)
+    return y
+
+
+def is_k_major(W: Tensor) -> bool:
+    """W [S, m, k] is the transposed view of a contiguous [S, k, m] tensor (the embedding-bag layout)."""
+    return W.transpose(1, 2).is_contiguous()
+
+
+def _grouped(W: Tensor, g: Gather) -> Tensor:
+    """The distinct slots' weights, [U, ...]: a view when they are slots 0..U-1, else a copy of U slots."""
+    return W[: g.distinct.numel()] if g.all_slots else W.index_select(0, g.distinct)
+
+
+def _padded(rows: Tensor, g: Gather) -> Tensor:
+    """Rows [N, n] grouped by slot into a zero-padded [U, width, n] batch."""
+    out = rows.new_zeros(g.distinct.numel() * g.width, rows.shape[1])
+    return out.index_copy_(0, g.padded_pos, rows).view(g.distinct.numel(), g.width, rows.shape[1])
+
+
+def _unpadded(out: Tensor, g: Gather) -> Tensor:
+    """[U, width, n] -> the rows of the gathered tokens, [N, n], in token order."""
+    return out.reshape(-1, out.shape[-1]).index_select(0, g.padded_pos)
+
+
+def _shrink_bags(xg: Tensor, A: Tensor, g: Gather) -> Tensor:
+    # h[t] = sum_k x[t, k] * A^T[slot(t), k, :]: bag t reads rows slot*in + k of A^T viewed as [S*in, r]
+    S, r, d_in = A.shape
+    index = g.bag_indices(d_in).view(-1, d_in)  # [N, in]
+    return F.embedding_bag(index, A.transpose(1, 2).reshape(S * d_in, r), mode="sum", per_sample_weights=xg)
+
+
+def _shrink_padded(xg: Tensor, A: Tensor, g: Gather) -> Tensor:
+    return _unpadded(torch.bmm(_padded(xg, g), _grouped(A, g).transpose(1, 2)), g)  # [U, width, r] -> [N, r]
+
+
+def _expand_bags(hg: Tensor, B: Tensor, g: Gather) -> Tensor:
+    # delta[t] = sum_j h[t, j] * B^T[slot(t), j, :]: bag t reads rows slot*r + j of B^T viewed as [S*r, out]
+    S, d_out, r = B.shape
+    index = g.bag_indices(r).view(-1, r)  # [N, r]
+    return F.embedding_bag(index, B.transpose(1, 2).reshape(S * r, d_out), mode="sum", per_sample_weights=hg)
+
+
+def _expand_padded(hg: Tensor, B: Tensor, g: Gather) -> Tensor:
+    return _unpadded(torch.bmm(_padded(hg, g), _grouped(B, g).transpose(1, 2)), g)  # [U, width, out] -> [N, out]
+
+
+# Gather form by slot layout (is_k_major): (rows [N, n], weights, gather) -> [N, m]
+_SHRINK_GATHERED = {True: _shrink_bags, False: _shrink_padded}
+_EXPAND_GATHERED = {True: _expand_bags, False: _expand_padded}
+
+
+def lora_shrink(x: Tensor, A: Tensor, seg: Segments) -> Tensor:
+    """Project every token onto its adapter's down-projection.
+
+    Semantics:
+        for t in range(T):
+            h[t] = A[seg.token_slots[t]] @ x[t] if seg.token_slots[t] != -1 else 0
+
+    Args:
+        x: [T, in] activations.
+        A: [S, r_max, in] stacked down-projections (ranks zero-padded to r_max); row-major, or k-major (the
+            transposed view of a contiguous [S, in, r_max]) for the fastest decode path.
+        seg: the step's segments (T tokens).
+    Returns:
+        h: [T, r_max] in x's dtype; rows of tokens without an adapter are zero.
+    """
+    g, shrink = seg.gather, _SHRINK_GATHERED[is_k_major(A)]
+    if g.covers_all and g.num_tokens:
+        h = shrink(x, A, g)  # [T, r_max]
+    else:
+        new = torch.zeros if seg.has_unadapted else torch.empty
+        h = new(x.shape[0], A.shape[1], dtype=x.dtype, device=x.device)  # [T, r_max]
+        if g.num_tokens:
+            h.index_copy_(0, g.rows, shrink(x.index_select(0, g.rows), A, g))
+    for start, end, slot in seg.long_runs:
+        torch.mm(x[start:end], A[slot].t(), out=h[start:end])
+    return h
+
+
+def lora_expand(y: Tensor, h: Tensor, B: Tensor, seg: Segments) -> Tensor:
+    """Add every token's up-projection to y, in place.
+
+    Semantics:
+        for t in range(T):
+            if seg.token_slots[t] != -1:
+                y[t] += B[seg.token_slots[t]] @ h[t]
+
+    Args:
+        y: [T, out] output, updated in place; may be a strided column slice of a wider packed output (q|k|v).
+        h: [T, r_max] shrunk activations (from `lora_shrink`).
+        B: [S, out, r_max] stacked up-projections, scale folded in; row-major, or k-major (the transposed view of
+            a contiguous [S, r_max, out]) for the fastest decode path.
+        seg: the step's segments (T tokens).
+    Returns:
+        y.
+    """
+    g, expand = seg.gather, _EXPAND_GATHERED[is_k_major(B)]
+    if g.covers_all and g.num_tokens:
+        y.add_(expand(h, B, g))
+    elif g.num_tokens:
+        y.index_add_(0, g.rows, expand(h.index_select(0, g.rows), B, g))
+    for start, end, slot in seg.long_runs:
+        y[start:end].addmm_(h[start:end], B[slot].t())
+    return y
+
+
+def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, seg: Segments) -> Tensor:
+    """Add every token's LoRA delta to y, in place: `lora_expand(y, lora_shrink(x, A, seg), B, seg)`.
+
+    Semantics:
+        for t in range(T):
+            if seg.token_slots[t] != -1:
+                y[t] += B[seg.token_slots[t]] @ (A[seg.token_slots[t]] @ x[t])
+
+    Args:
+        y: [T, out] output, updated in place (a strided column slice is fine).
+        x: [T, in] activations.
+        A: [S, r_max, in] stacked down-projections (row-major or k-major, see `lora_shrink`).
+        B: [S, out, r_max] stacked up-projections, scale folded in (row-major or k-major, see `lora_expand`).
+        seg: the step's segments (T tokens).
+    Returns:
+        y.
+    """
+    return lora_expand(y, lora_shrink(x, A, seg), B, seg)

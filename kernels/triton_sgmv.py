@@ -1,0 +1,203 @@
+"""Triton LoRA shrink and expand over segments (SGMV): one program per (segment, token tile, output tile).
+
+Imported only through `backend.py`'s guarded loader (or by tests), so that `switchboard.kernels` needs Triton
+nowhere else. Ranks are padded in the kernel, not in memory: the rank tile is a power of two >= 16 (what `tl.dot`
+needs) and lanes past r_max are masked to zero. Accumulation is float32; float32 inputs use IEEE dot products
+(no TF32) so that they match the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .segments import Segments
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, a_ptr, h_ptr, starts_ptr, slots_ptr,
+    in_features, rank,
+    stride_xt, stride_as, stride_ar, stride_ht,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # h[t, r] = sum_k x[t, k] * A[slot, r, k] for the tokens t of segment g (unit inner strides, checked on launch)
+    g = tl.program_id(0)
+    slot = tl.load(slots_ptr + g)
+    if slot < 0:
+        return
+    start = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # token rows (int64)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < end
+    mask_r = offs_r < rank
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]  # [BLOCK_K, BLOCK_R] = A^T
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, in_features, BLOCK_K):
+        mask_k = offs_k < in_features - k0
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(xt, at, input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at)
+        x_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :]
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr, b_ptr, y_ptr, starts_ptr, slots_ptr,
+    out_features, rank,
+    stride_ht, stride_bs, stride_bn, stride_yt,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # y[t, n] += sum_r h[t, r] * B[slot, n, r] for the tokens t of segment g (unit inner strides, checked on launch)
+    g = tl.program_id(0)
+    slot = tl.load(slots_ptr + g)
+    if slot < 0:
+        return
+    start = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < end
+    mask_n = offs_n < out_features
+    h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :]  # [BLOCK_M, BLOCK_R]
+    b_ptrs = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None]  # [BLOCK_R, BLOCK_N] = B^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        mask_r = offs_r < rank - r0
+        ht = tl.load(h_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(ht, bt, input_precision="ieee")
+        else:
+            acc += tl.dot(ht, bt)
+        h_ptrs += BLOCK_R
+        b_ptrs += BLOCK_R
+    y_ptrs = y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2_tile(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _check(seg: Segments, num_tokens: int, device: torch.device, dtype: torch.dtype, **tensors: Tensor) -> None:
+    """Layout checks before a launch: shapes agree, one device and dtype, unit inner strides."""
+    if seg.num_tokens != num_tokens:
+        raise ValueError(f"segments describe {seg.num_tokens} tokens, the activations have {num_tokens}")
+    if seg.starts.device != device or seg.slots.device != device:
+        raise ValueError(f"segments live on {seg.starts.device}, the tensors on {device}: use Segments.to()")
+    if seg.starts.dtype != torch.int64 or seg.slots.dtype != torch.int64:
+        raise ValueError("segment starts and slots must be int64")
+    for name, t in tensors.items():
+        if t.device != device or t.dtype != dtype:
+            raise ValueError(f"{name}: {t.dtype} on {t.device}, expected {dtype} on {device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: the innermost dimension must be contiguous, strides are {t.stride()}")
+
+
+def triton_lora_shrink(x: Tensor, A: Tensor, seg: Segments) -> Tensor:
+    """Triton `lora_shrink`.
+
+    Semantics:
+        for t in range(T):
+            h[t] = A[seg.token_slots[t]] @ x[t] if seg.token_slots[t] != -1 else 0
+
+    Args:
+        x: [T, in] activations, inner stride 1.
+        A: [S, r_max, in] stacked down-projections, inner stride 1, same dtype and device as x.
+        seg: the step's segments, tensors on x's device; slots must be < S (not checked: it would synchronise).
+    Returns:
+        h: [T, r_max] in x's dtype; rows of tokens without an adapter are zero.
+    """
+    if x.dim() != 2 or A.dim() != 3 or A.shape[2] != x.shape[1]:
+        raise ValueError(f"shapes: x {tuple(x.shape)} must be [T, in], A {tuple(A.shape)} must be [S, r, in]")
+    _check(seg, x.shape[0], x.device, x.dtype, x=x, A=A)
+    rank = A.shape[1]
+    new = torch.zeros if seg.has_unadapted else torch.empty
+    h = new(x.shape[0], rank, dtype=x.dtype, device=x.device)  # [T, r_max]
+    if seg.num_adapted == 0:
+        return h
+    block_m = _pow2_tile(seg.max_segment_len, 16, 64)
+    block_r = _pow2_tile(rank, 16, 64)
+    grid = (seg.slots.numel(), triton.cdiv(seg.max_segment_len, block_m), triton.cdiv(rank, block_r))
+    _shrink_kernel[grid](
+        x, A, h, seg.starts, seg.slots,
+        x.shape[1], rank,
+        x.stride(0), A.stride(0), A.stride(1), h.stride(0),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, IEEE=x.dtype == torch.float32,
+    )  # fmt: skip
+    return h
+
+
+def triton_lora_expand(y: Tensor, h: Tensor, B: Tensor, seg: Segments) -> Tensor:
+    """Triton `lora_expand`, in place on y.
+
+    Semantics:
+        for t in range(T):
+            if seg.token_slots[t] != -1:
+                y[t] += B[seg.token_slots[t]] @ h[t]
+
+    Args:
+        y: [T, out] output, inner stride 1 (a column slice of a packed output is fine), updated in place.
+        h: [T, r_max] shrunk activations, same dtype as y.
+        B: [S, out, r_max] stacked up-projections, scale folded in, inner stride 1.
+        seg: the step's segments, tensors on y's device; slots must be < S (not checked).
+    Returns:
+        y.
+    """
+    if y.dim() != 2 or h.dim() != 2 or B.dim() != 3 or B.shape[1:] != (y.shape[1], h.shape[1]):
+        raise ValueError(
+            f"shapes: y {tuple(y.shape)} must be [T, out], h {tuple(h.shape)} [T, r], B {tuple(B.shape)} [S, out, r]"
+        )
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"h has {h.shape[0]} rows, y {y.shape[0]}")
+    _check(seg, y.shape[0], y.device, y.dtype, y=y, h=h, B=B)
+    if seg.num_adapted == 0:
+        return y
+    rank = h.shape[1]
+    block_m = _pow2_tile(seg.max_segment_len, 16, 64)
+    block_n = 64
+    block_r = _pow2_tile(rank, 16, 64)
+    grid = (seg.slots.numel(), triton.cdiv(seg.max_segment_len, block_m), triton.cdiv(y.shape[1], block_n))
+    _expand_kernel[grid](
+        h, B, y, seg.starts, seg.slots,
+        y.shape[1], rank,
+        h.stride(0), B.stride(0), B.stride(1), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=y.dtype == torch.float32,
+    )  # fmt: skip
+    return y
+
+
+def triton_lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, seg: Segments) -> Tensor:
+    """Triton `lora_apply`: `triton_lora_expand(y, triton_lora_shrink(x, A, seg), B, seg)`.
+
+    Semantics:
+        for t in range(T):
+            if seg.token_slots[t] != -1:
+                y[t] += B[seg.token_slots[t]] @ (A[seg.token_slots[t]] @ x[t])
+
+    Args: as `triton_lora_shrink` and `triton_lora_expand`; y: [T, out], x: [T, in], A: [S, r, in], B: [S, out, r].
+    Returns:
+        y.
+    """
+    return triton_lora_expand(y, triton_lora_shrink(x, A, seg), B, seg)
