@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: install serve test bench lint demo-model clean
+.PHONY: install serve test bench lint demo-model demo-adapters profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ install: $(STAMP)
 demo-model: $(STAMP)
 	$(VENV)/bin/switchboard demo-model --out .cache/demo-model
 
-serve: demo-model
-	$(VENV)/bin/switchboard serve --model .cache/demo-model --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+demo-adapters: demo-model
+	$(VENV)/bin/switchboard demo-adapters --model .cache/demo-model --out .cache/demo-adapters
+
+DEMO_ADAPTER_FLAGS := $(foreach k,lora krona ia3 prefix,--adapter demo-$(k)=.cache/demo-adapters/demo-$(k))
+
+serve: demo-adapters
+	$(VENV)/bin/switchboard serve --model .cache/demo-model --host $(HOST) --port $(PORT) $(DEMO_ADAPTER_FLAGS) $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

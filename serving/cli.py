@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEMO_DIR = Path(".cache/demo-model")
+DEMO_ADAPTERS_DIR = Path(".cache/demo-adapters")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +46,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-model", help="write the embedded demo checkpoint (Hugging Face format)")
     p.add_argument("--out", type=Path, default=DEMO_DIR)
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+
+def _add_demo_adapters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo-adapters", help="write one seeded PEFT adapter of every kind for a model")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--out", type=Path, default=DEMO_ADAPTERS_DIR)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_demo(sub)
+    _add_demo_adapters(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -141,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
 
             out = build_demo_model(args.out) if args.force else ensure_demo_model(args.out)
             print(f"demo model in {out}")
+        elif args.command == "demo-adapters":
+            from .demo_adapters import ensure_demo_adapters
+
+            for name, path in ensure_demo_adapters(model_dir(args.model), args.out).items():
+                print(f"{name}={path}")
         elif args.command == "bench":
             from .bench import run_bench
 

@@ -9,7 +9,7 @@ import torch
 from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from switchboard.serving.demo_adapters import ALL_LINEAR, seed_adapter_weights
 
 
 def peft_configs() -> dict[str, tuple[PeftConfig, int]]:
@@ -48,27 +48,13 @@ def peft_configs() -> dict[str, tuple[PeftConfig, int]]:
     }
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Seeded, clearly non-zero adapter weights (PEFT's (IA)3 'random' init is still close to one)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                if "ia3_l" in name:
-                    p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g))
-                elif "prompt_encoder" in name or "embedding" in name:
-                    p.copy_(torch.randn(p.shape, generator=g))
-                else:  # LoRA and LoKr factors: a clear but not overwhelming change of the base
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture(scope="session")
 def peft_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name, (config, seed) in peft_configs().items():
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         model = get_peft_model(base, config)
-        _perturb(model, seed)
+        seed_adapter_weights(model, seed)
         out[name] = tmp_path_factory.mktemp(f"adapter-{name}")
         model.save_pretrained(out[name])
     return out
