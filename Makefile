@@ -36,6 +36,9 @@ test: $(STAMP)
 bench: demo-model
 	$(VENV)/bin/switchboard bench --model .cache/demo-model
 
+profile: demo-model
+	$(VENV)/bin/switchboard profile --model .cache/demo-model
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check serving adapters_store kernels loadtest tests
 

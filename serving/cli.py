@@ -66,6 +66,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
 
 
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="unmerged adapters against the base model and merging (prints a table)")
+    p.add_argument("--model", default="demo")
+    p.add_argument(
+        "--kinds", default="lora,krona,ia3,prefix,mixed", help="comma-separated: lora,krona,ia3,prefix,mixed"
+    )
+    p.add_argument("--num-adapters", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench-results/profile"))
+
+
 def model_dir(model: str) -> Path:
     """`demo` means the embedded demo checkpoint, built once under .cache/."""
     if model == "demo":
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo(sub)
     _add_demo_adapters(sub)
     _add_bench(sub)
+    _add_profile(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -158,6 +174,14 @@ def main(argv: list[str] | None = None) -> None:
             from .bench import run_bench
 
             run_bench(args, model_dir(args.model))
+        elif args.command == "profile":
+            from .profile import run_profile
+
+            args.kinds = [k for k in args.kinds.split(",") if k]
+            unknown = set(args.kinds) - {"lora", "krona", "ia3", "prefix", "mixed"}
+            if unknown:
+                raise ValueError(f"--kinds: unknown {sorted(unknown)}; choose from lora,krona,ia3,prefix,mixed")
+            run_profile(args, model_dir(args.model))
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -1,0 +1,189 @@
+"""`switchboard profile`: what unmerged adapters cost, against the base model and against merging, in one run.
+
+Every configuration runs the same workload (N concurrent requests, P prompt tokens, M new tokens, greedy, EOS
+ignored) on a fresh engine over the same base checkpoint; the figure of merit is decode throughput (generated
+tokens per second over the decode steps), printed as a ratio to the base model measured in the same run.
+Adapters are PEFT directories: one is built with PEFT per configuration, and the others are seeded copies of it
+with fresh tensors of the same names and shapes (32 distinct adapters cost a second, not 32 PEFT builds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
+from safetensors.torch import load_file, save_file
+
+from .bench import make_prompts
+from .config import ServeConfig
+from .demo_adapters import ALL_LINEAR, ATTENTION, build_adapter
+from .engine.llm_engine import LLMEngine, load_tokenizer
+from .engine.request import SamplingParams
+
+ADAPTER_FAMILIES: dict[str, PeftConfig] = {
+    "lora-r8-attn": LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, init_lora_weights=False),
+    "lora-r16-attn": LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, init_lora_weights=False),
+    "lora-r8-all": LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False),
+    "lora-r16-all": LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, init_lora_weights=False),
+    "krona": LoKrConfig(r=8, alpha=8, target_modules=ATTENTION, init_weights=False),
+    "ia3": IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    ),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM"),
+}
+KIND_FAMILY = {"lora": "lora-r16-attn", "krona": "krona", "ia3": "ia3", "prefix": "prefix"}
+
+
+@dataclass(slots=True)
+class Measurement:
+    name: str
+    description: str
+    decode_tok_s: float
+    total_tok_s: float
+    runs: list[float] = field(default_factory=list)
+    ratio_to_base: float | None = None
+
+
+def seeded_copies(src: Path, out_root: Path, count: int, seed: int) -> list[Path]:
+    """`count` adapters with `src`'s config and tensor shapes, and fresh seeded values of similar scale."""
+    tensors = load_file(src / "adapter_model.safetensors")
+    config = (src / "adapter_config.json").read_text()
+    out = [src]
+    for i in range(1, count):
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        fresh = {}
+        for name, t in tensors.items():
+            noise = torch.randn(t.shape, generator=g)
+            fresh[name] = (1.0 + 0.5 * noise) if "ia3_l" in name else noise * t.float().std().clamp_min(1e-3)
+        d = out_root / f"{src.name}-{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in fresh.items()}, d / "adapter_model.safetensors")
+        (d / "adapter_config.json").write_text(config)
+        out.append(d)
+    return out
+
+
+def _measure(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, adapter_ids, repeats: int):
+    """(decode tokens/s, total generated tokens/s) medians over `repeats` runs, after a warm-up."""
+    # Warm-up on the same batch shape: the first GEMM of each new shape pays for its kernel set-up (oneDNN).
+    engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), adapter_ids)
+    decode_rates, total_rates = [], []
+    for r in range(repeats):
+        for i, (p, a) in enumerate(zip(prompts, adapter_ids, strict=True)):
+            engine.add_request(f"p{r}-{i}", p, params, a)
+        t0 = time.perf_counter()
+        decode_time = decode_tokens = 0.0
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            plan_is_decode = not engine.scheduler.waiting and all(
+                s.num_uncomputed == 1 for s in engine.scheduler.running
+            )
+            outs = engine.step()
+            if plan_is_decode:
+                decode_time += time.perf_counter() - t
+                decode_tokens += len(outs)
+        total = time.perf_counter() - t0
+        decode_rates.append(decode_tokens / decode_time)
+        total_rates.append(len(prompts) * params.max_tokens / total)
+    return statistics.median(decode_rates), statistics.median(total_rates), decode_rates
+
+
+def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
+    n, repeats = args.num_requests, args.repeats
+    tok = load_tokenizer(model_dir)
+    prompts = make_prompts(tok, n, args.prompt_len)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    work = args.out / "adapters"
+    families: dict[str, list[Path]] = {}
+    wanted = {KIND_FAMILY[k] for k in args.kinds if k in KIND_FAMILY} | {
+        f for f in ADAPTER_FAMILIES if f.startswith("lora") and "lora" in args.kinds
+    }
+    if "mixed" in args.kinds:
+        wanted |= set(KIND_FAMILY.values())
+    for seed, family in enumerate(sorted(wanted), start=1):
+        print(f"[profile] building {args.num_adapters} {family} adapters", flush=True)
+        first = build_adapter(model_dir, ADAPTER_FAMILIES[family], work / family, seed)
+        families[family] = seeded_copies(first, work, args.num_adapters, seed)
+
+    def engine(adapters: dict[str, Path], merge: str | None = None) -> LLMEngine:
+        cfg = ServeConfig(
+            model=model_dir,
+            dtype=args.dtype,
+            max_num_seqs=max(64, n),
+            adapters=adapters,
+            merge_adapter=merge,
+            max_resident_adapters=max(32, args.num_adapters),
+        )
+        return LLMEngine(cfg)
+
+    configs: list[tuple[str, str, dict[str, Path], str | None, list[str | None]]] = [
+        ("base", "base model only", {}, None, [None] * n)
+    ]
+    one = "lora-r16-all" if "lora-r16-all" in families else next(iter(families), None)
+    if one is not None and one != "prefix":
+        single = {"a0": families[one][0]}
+        configs.append(("merged", f"one {one} adapter merged", single, "a0", ["a0"] * n))
+        configs.append(("unmerged-1", f"one {one} adapter unmerged, all requests", single, None, ["a0"] * n))
+    for family, dirs in sorted(families.items()):
+        adapters = {f"{family}-{i}": d for i, d in enumerate(dirs)}
+        names = list(adapters)
+        configs.append(
+            (
+                family,
+                f"{len(names)} distinct {family} unmerged",
+                adapters,
+                None,
+                [names[i % len(names)] for i in range(n)],
+            )
+        )
+    if "mixed" in args.kinds:
+        mixed: dict[str, Path] = {}
+        per_kind = max(1, args.num_adapters // len(KIND_FAMILY))
+        for family in KIND_FAMILY.values():
+            mixed |= {f"{family}-{i}": d for i, d in enumerate(families[family][:per_kind])}
+        names = list(mixed)
+        configs.append(
+            (
+                "mixed",
+                f"{len(names)} adapters of all four kinds",
+                mixed,
+                None,
+                [names[i % len(names)] for i in range(n)],
+            )
+        )
+
+    results: list[Measurement] = []
+    for name, description, adapters, merge, ids in configs:
+        print(f"[profile] {name}: {description}", flush=True)
+        eng = engine(adapters, merge)
+        decode, total, runs = _measure(eng, prompts, params, ids, repeats)
+        results.append(Measurement(name, description, decode, total, runs))
+        del eng
+    base = results[0].decode_tok_s
+    for m in results:
+        m.ratio_to_base = m.decode_tok_s / base
+    workload = f"{n} concurrent requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"
+    print(f"\nWorkload: {workload}; {args.dtype}; model {model_dir}; {torch.get_num_threads()} threads")
+    print("| configuration | decode tok/s | generated tok/s (incl. prefill) | decode ratio to base |")
+    print("|---|---|---|---|")
+    for m in results:
+        print(f"| {m.description} | {m.decode_tok_s:.0f} | {m.total_tok_s:.0f} | {m.ratio_to_base:.2f} |")
+    report = {
+        "workload": workload,
+        "dtype": args.dtype,
+        "model": str(model_dir),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor(),
+        "results": [asdict(m) for m in results],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2))
+    print(f"\nJSON: {args.out / 'profile.json'}")
+    return report
