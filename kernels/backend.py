@@ -2,8 +2,10 @@
 
 - REFERENCE: float32 loops over tokens, the spec and the test oracle (slow).
 - TORCH: the fast torch path, the CPU choice (runs on any device).
-- TRITON: Triton shrink, expand and scale (KronA stays on torch: its factors are tiny matmuls); needs CUDA, or
-  TRITON_INTERPRET=1 set before the first load to run on CPU tensors. Triton is imported only by its loader.
+- TRITON: Triton shrink, expand and scale (KronA stays on torch: its factors are tiny matmuls); needs CUDA. On CPU
+  tensors the kernels run only under Triton's interpreter: TRITON_INTERPRET=1 set before `triton` is first imported
+  (torch._dynamo imports it too), and not in bfloat16 (the interpreter's tl.dot misreads bf16, triton#11584).
+  Triton is imported only by its loader.
 """
 
 from __future__ import annotations

@@ -49,10 +49,9 @@ def _kron_grouped(X: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
 def _kron_gathered(xg: Tensor, W1: Tensor, W2: Tensor, g: Gather) -> Tensor:
     """The gathered tokens' deltas: xg [N, in] -> [N, out], grouped by slot into a padded [U, width] batch."""
     U, i1, i2 = g.distinct.numel(), W1.shape[2], W2.shape[2]
-    Xp = xg.new_zeros(U * g.width, i1 * i2).index_copy_(0, g.padded_pos, xg)  # [U*width, in]
+    X = g.padded(xg).view(U, g.width, i1, i2)
     W1g, W2g = (W1[:U], W2[:U]) if g.all_slots else (W1.index_select(0, g.distinct), W2.index_select(0, g.distinct))
-    Y = _kron_grouped(Xp.view(U, g.width, i1, i2), W1g, W2g)  # [U, width, out]
-    return Y.reshape(U * g.width, -1).index_select(0, g.padded_pos)
+    return g.unpadded(_kron_grouped(X, W1g, W2g))  # [U, width, out] -> [N, out]
 
 
 def kron_apply(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> Tensor:

@@ -8,7 +8,8 @@ One step is one flattened token batch (prefill chunks and decode tokens together
 - long runs: runs of at least `MIN_GEMM_RUN` tokens with a slot: the torch path does one matmul per long run on
   the slot's weights in place (prefill chunks);
 - short tokens: every other token with a slot (decode tokens, short runs): the torch path handles them all at once
-  in a gather form (`Gather`), grouped by slot into a padded [U, width] layout, never copying weights per token.
+  in a gather form (`Gather`): an embedding bag over k-major slots, or the tokens grouped by slot into a padded
+  [U, width] batch over the U distinct slots; never a copy of adapter weights per token.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from torch import Tensor
 
 NO_SLOT = -1  # token_slots value for "no adapter of this kind"
 
-# Runs at least this long get their own matmul on the torch path; shorter ones join the gather form. A small
-# bf16 matmul costs about 20 us of fixed overhead on the CPU (oneDNN), the gather form about 0.5 us per token
-# at hidden 512, rank 16 (measured, 2 threads).
-MIN_GEMM_RUN = 32
+# Runs at least this long get their own matmuls on the torch path; shorter ones join the gather form. On the CPU
+# (2 threads) a small bf16 matmul costs about 20 us however small (oneDNN's fixed overhead; float32 about 3 us),
+# the embedding-bag gather form about 0.5 us per token at in = out = 512, r = 16: they break even near 70 tokens
+# in bf16, the serving dtype.
+MIN_GEMM_RUN = 64
 
 Run = tuple[int, int, int]  # (start, end, slot): token rows [start, end) use `slot`
 
@@ -40,8 +42,9 @@ class Gather:
     distinct: Tensor  # [U] int64, their distinct slots, ascending
     padded_pos: Tensor  # [N] int64, row of each token in a [U, width] layout: u * width + rank within slot u
     width: int  # most tokens of one slot
+    in_order: bool  # padded_pos == arange(U * width): the rows already are the padded layout (no padding, sorted)
     covers_all: bool  # rows == arange(T): every token of the batch, in order
-    all_slots: bool  # distinct == arange(S_used): slots 0..U-1 exactly, so weights[:U] is already grouped
+    all_slots: bool  # distinct == arange(U): slots 0..U-1 exactly, so weights[:U] needs no gathering
     # Embedding-bag indices, built on first use and kept for the step: n -> [N * n] int64.
     bag_index: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
@@ -56,6 +59,18 @@ class Gather:
             self.bag_index[n] = (self.slots[:, None] * n + k).reshape(-1)
         return self.bag_index[n]
 
+    def padded(self, rows: Tensor) -> Tensor:
+        """Rows [N, n] grouped by slot into a zero-padded [U, width, n] batch (a view when already in that order)."""
+        U, n = self.distinct.numel(), rows.shape[1]
+        if self.in_order:
+            return rows.reshape(U, self.width, n)
+        return rows.new_zeros(U * self.width, n).index_copy_(0, self.padded_pos, rows).view(U, self.width, n)
+
+    def unpadded(self, out: Tensor) -> Tensor:
+        """[U, width, m] -> the gathered tokens' rows, [N, m], in token order."""
+        out = out.reshape(-1, out.shape[-1])
+        return out if self.in_order else out.index_select(0, self.padded_pos)
+
     def to(self, device: torch.device | str) -> Gather:
         return Gather(
             rows=self.rows.to(device),
@@ -63,6 +78,7 @@ class Gather:
             distinct=self.distinct.to(device),
             padded_pos=self.padded_pos.to(device),
             width=self.width,
+            in_order=self.in_order,
             covers_all=self.covers_all,
             all_slots=self.all_slots,
         )
@@ -117,12 +133,14 @@ def _gather(rows: Tensor, slots: Tensor, num_tokens: int) -> Gather:
     rank = torch.empty_like(group)
     rank[order] = torch.arange(group.numel()) - firsts[group[order]]
     width = int(counts.max()) if counts.numel() else 0
+    padded_pos = group * width + rank
     return Gather(
         rows=rows,
         slots=slots,
         distinct=distinct,
-        padded_pos=group * width + rank,
+        padded_pos=padded_pos,
         width=width,
+        in_order=bool(torch.equal(padded_pos, torch.arange(distinct.numel() * width))),
         covers_all=rows.numel() == num_tokens,
         all_slots=bool(torch.equal(distinct, torch.arange(distinct.numel()))),
     )

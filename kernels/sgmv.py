@@ -14,7 +14,10 @@ whose shape depends on how the slots are laid out in memory:
   copying only those U slots' weights (none when they are exactly slots 0..U-1).
 
 Allocate slots k-major for decode speed: `torch.empty(S, in, r).transpose(1, 2)` and
-`torch.empty(S, r, out).transpose(1, 2)`.
+`torch.empty(S, r, out).transpose(1, 2)`. Measured (bench.py: 32 decode tokens, r 16, in = out = 512, bf16, 2
+threads): k-major 40 us for 1, 4 or 32 distinct adapters, about the base linear x @ W.T (38 us); row-major 47 /
+67 / 90 us; per-token copies of A and B then bmm 88-93 us; one matmul per slot 160 us (4) to 1.3 ms (32), as a
+small bf16 matmul costs ~20 us on this CPU.
 """
 
 from __future__ import annotations
@@ -61,17 +64,6 @@ def _grouped(W: Tensor, g: Gather) -> Tensor:
     return W[: g.distinct.numel()] if g.all_slots else W.index_select(0, g.distinct)
 
 
-def _padded(rows: Tensor, g: Gather) -> Tensor:
-    """Rows [N, n] grouped by slot into a zero-padded [U, width, n] batch."""
-    out = rows.new_zeros(g.distinct.numel() * g.width, rows.shape[1])
-    return out.index_copy_(0, g.padded_pos, rows).view(g.distinct.numel(), g.width, rows.shape[1])
-
-
-def _unpadded(out: Tensor, g: Gather) -> Tensor:
-    """[U, width, n] -> the rows of the gathered tokens, [N, n], in token order."""
-    return out.reshape(-1, out.shape[-1]).index_select(0, g.padded_pos)
-
-
 def _shrink_bags(xg: Tensor, A: Tensor, g: Gather) -> Tensor:
     # h[t] = sum_k x[t, k] * A^T[slot(t), k, :]: bag t reads rows slot*in + k of A^T viewed as [S*in, r]
     S, r, d_in = A.shape
@@ -80,7 +72,7 @@ def _shrink_bags(xg: Tensor, A: Tensor, g: Gather) -> Tensor:
 
 
 def _shrink_padded(xg: Tensor, A: Tensor, g: Gather) -> Tensor:
-    return _unpadded(torch.bmm(_padded(xg, g), _grouped(A, g).transpose(1, 2)), g)  # [U, width, r] -> [N, r]
+    return g.unpadded(torch.bmm(g.padded(xg), _grouped(A, g).transpose(1, 2)))  # [U, width, r] -> [N, r]
 
 
 def _expand_bags(hg: Tensor, B: Tensor, g: Gather) -> Tensor:
@@ -91,7 +83,7 @@ def _expand_bags(hg: Tensor, B: Tensor, g: Gather) -> Tensor:
 
 
 def _expand_padded(hg: Tensor, B: Tensor, g: Gather) -> Tensor:
-    return _unpadded(torch.bmm(_padded(hg, g), _grouped(B, g).transpose(1, 2)), g)  # [U, width, out] -> [N, out]
+    return g.unpadded(torch.bmm(g.padded(hg), _grouped(B, g).transpose(1, 2)))  # [U, width, out] -> [N, out]
 
 
 # Gather form by slot layout (is_k_major): (rows [N, n], weights, gather) -> [N, m]

@@ -20,10 +20,10 @@ from .segments import Segments
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, starts_ptr, slots_ptr,
     in_features, rank,
-    stride_xt, stride_as, stride_ar, stride_ht,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ht,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    # h[t, r] = sum_k x[t, k] * A[slot, r, k] for the tokens t of segment g (unit inner strides, checked on launch)
+    # h[t, r] = sum_k x[t, k] * A[slot, r, k] for the tokens t of segment g (h is contiguous: allocated on launch)
     g = tl.program_id(0)
     slot = tl.load(slots_ptr + g)
     if slot < 0:
@@ -38,9 +38,9 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < end
     mask_r = offs_r < rank
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]  # [BLOCK_K, BLOCK_R] = A^T
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # [BLOCK_K, BLOCK_R]
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
     for k0 in range(0, in_features, BLOCK_K):
         mask_k = offs_k < in_features - k0
         xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -49,8 +49,8 @@ def _shrink_kernel(
             acc += tl.dot(xt, at, input_precision="ieee")
         else:
             acc += tl.dot(xt, at)
-        x_ptrs += BLOCK_K
-        a_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
     h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :]
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
@@ -59,10 +59,10 @@ def _shrink_kernel(
 def _expand_kernel(
     h_ptr, b_ptr, y_ptr, starts_ptr, slots_ptr,
     out_features, rank,
-    stride_ht, stride_bs, stride_bn, stride_yt,
+    stride_ht, stride_hr, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    # y[t, n] += sum_r h[t, r] * B[slot, n, r] for the tokens t of segment g (unit inner strides, checked on launch)
+    # y[t, n] += sum_r h[t, r] * B[slot, n, r] for the tokens t of segment g
     g = tl.program_id(0)
     slot = tl.load(slots_ptr + g)
     if slot < 0:
@@ -77,9 +77,9 @@ def _expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < end
     mask_n = offs_n < out_features
-    h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :]  # [BLOCK_M, BLOCK_R]
-    b_ptrs = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None]  # [BLOCK_R, BLOCK_N] = B^T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :] * stride_hr  # [BLOCK_M, BLOCK_R]
+    b_ptrs = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br  # [BLOCK_R, BLOCK_N]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         mask_r = offs_r < rank - r0
         ht = tl.load(h_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -88,9 +88,9 @@ def _expand_kernel(
             acc += tl.dot(ht, bt, input_precision="ieee")
         else:
             acc += tl.dot(ht, bt)
-        h_ptrs += BLOCK_R
-        b_ptrs += BLOCK_R
-    y_ptrs = y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :]
+        h_ptrs += BLOCK_R * stride_hr
+        b_ptrs += BLOCK_R * stride_br
+    y_ptrs = y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -101,7 +101,9 @@ def _pow2_tile(n: int, lo: int, hi: int) -> int:
 
 
 def _check(seg: Segments, num_tokens: int, device: torch.device, dtype: torch.dtype, **tensors: Tensor) -> None:
-    """Layout checks before a launch: shapes agree, one device and dtype, unit inner strides."""
+    """Layout checks before a launch: one device and dtype, segments that match, no self-overlapping output.
+
+    Any strides are accepted otherwise (column slices of packed outputs, k-major slots)."""
     if seg.num_tokens != num_tokens:
         raise ValueError(f"segments describe {seg.num_tokens} tokens, the activations have {num_tokens}")
     if seg.starts.device != device or seg.slots.device != device:
@@ -111,8 +113,9 @@ def _check(seg: Segments, num_tokens: int, device: torch.device, dtype: torch.dt
     for name, t in tensors.items():
         if t.device != device or t.dtype != dtype:
             raise ValueError(f"{name}: {t.dtype} on {t.device}, expected {dtype} on {device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name}: the innermost dimension must be contiguous, strides are {t.stride()}")
+    out = tensors.get("y")
+    if out is not None and any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape, strict=True)):
+        raise ValueError(f"y overlaps itself (strides {out.stride()}): the kernel writes it in place")
 
 
 def triton_lora_shrink(x: Tensor, A: Tensor, seg: Segments) -> Tensor:
@@ -123,8 +126,8 @@ def triton_lora_shrink(x: Tensor, A: Tensor, seg: Segments) -> Tensor:
             h[t] = A[seg.token_slots[t]] @ x[t] if seg.token_slots[t] != -1 else 0
 
     Args:
-        x: [T, in] activations, inner stride 1.
-        A: [S, r_max, in] stacked down-projections, inner stride 1, same dtype and device as x.
+        x: [T, in] activations (any strides).
+        A: [S, r_max, in] stacked down-projections, row-major or k-major, same dtype and device as x.
         seg: the step's segments, tensors on x's device; slots must be < S (not checked: it would synchronise).
     Returns:
         h: [T, r_max] in x's dtype; rows of tokens without an adapter are zero.
@@ -143,7 +146,7 @@ def triton_lora_shrink(x: Tensor, A: Tensor, seg: Segments) -> Tensor:
     _shrink_kernel[grid](
         x, A, h, seg.starts, seg.slots,
         x.shape[1], rank,
-        x.stride(0), A.stride(0), A.stride(1), h.stride(0),
+        x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(0),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=64, IEEE=x.dtype == torch.float32,
     )  # fmt: skip
     return h
@@ -158,9 +161,9 @@ def triton_lora_expand(y: Tensor, h: Tensor, B: Tensor, seg: Segments) -> Tensor
                 y[t] += B[seg.token_slots[t]] @ h[t]
 
     Args:
-        y: [T, out] output, inner stride 1 (a column slice of a packed output is fine), updated in place.
+        y: [T, out] output, updated in place (a column slice of a packed output is fine).
         h: [T, r_max] shrunk activations, same dtype as y.
-        B: [S, out, r_max] stacked up-projections, scale folded in, inner stride 1.
+        B: [S, out, r_max] stacked up-projections, scale folded in, row-major or k-major.
         seg: the step's segments, tensors on y's device; slots must be < S (not checked).
     Returns:
         y.
@@ -182,7 +185,7 @@ def triton_lora_expand(y: Tensor, h: Tensor, B: Tensor, seg: Segments) -> Tensor
     _expand_kernel[grid](
         h, B, y, seg.starts, seg.slots,
         y.shape[1], rank,
-        h.stride(0), B.stride(0), B.stride(1), y.stride(0),
+        h.stride(0), h.stride(1), B.stride(0), B.stride(1), B.stride(2), y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=y.dtype == torch.float32,
     )  # fmt: skip
     return y

@@ -2,8 +2,8 @@
 
 Each kind has its own pool of `max_resident` slots. Loading an adapter copies its (already scale-folded) tensors
 into a free or least-recently-used unreferenced slot, so the forward pass never allocates:
-- LoRA: per (layer, module) `A [S, r_max, in]`, `B [S, out, r_max]`; ranks below r_max are zero-padded, and a
-  slot whose adapter does not touch a module holds zeros there (no contribution).
+- LoRA: per (layer, module) `A [S, r_max, in]`, `B [S, out, r_max]` (stored k-major); ranks below r_max are
+  zero-padded, and a slot whose adapter does not touch a module holds zeros there (no contribution).
 - KronA: per (layer, module, factor shapes) `W1 [S, o1, i1]`, `W2 [S, o2, i2]`; zeros where unused.
 - (IA)3: per (layer, module) `V [S, n]` initialised to ones (the identity).
 - prefix: no stacking; each resident prefix keeps its keys and values `[layers, 2, P, kv_heads, head_dim]`, written
@@ -82,8 +82,11 @@ class AdapterSlots:
         for a in loras:
             for site, (A, B) in a.weights.items():
                 if site not in self.lora_A:
-                    self.lora_A[site] = torch.zeros(s, self.lora_rank, A.shape[1], dtype=dtype, device=device)
-                    self.lora_B[site] = torch.zeros(s, B.shape[0], self.lora_rank, dtype=dtype, device=device)
+                    # k-major storage ([S, in, r] and [S, r, out] seen transposed): the decode gather path sums
+                    # weight rows straight from the slots (kernels/sgmv.py), at about the base linear's cost.
+                    r = self.lora_rank
+                    self.lora_A[site] = torch.zeros(s, A.shape[1], r, dtype=dtype, device=device).transpose(1, 2)
+                    self.lora_B[site] = torch.zeros(s, r, B.shape[0], dtype=dtype, device=device).transpose(1, 2)
         self.kron: dict[KronKey, tuple[torch.Tensor, torch.Tensor]] = {}
         for a in adapters.values():
             if isinstance(a, KronaAdapter):

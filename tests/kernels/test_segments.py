@@ -31,6 +31,20 @@ def test_gather_form_groups_tokens_by_slot_into_a_padded_layout() -> None:
     assert g.padded_pos.tolist() == [2 * 3 + 0, 1 * 3 + 0, 2 * 3 + 1, 1 * 3 + 1, 0 * 3 + 0, 2 * 3 + 2]
     assert g.bag_indices(2).tolist() == [6, 7, 2, 3, 6, 7, 2, 3, 0, 1, 6, 7]
     assert g.bag_indices(2) is g.bag_indices(2)  # built once per step
+    assert not g.in_order
+    rows = torch.arange(6.0)[:, None]  # token k's row holds k
+    assert g.padded(rows).squeeze(-1).tolist() == [[4, 0, 0], [1, 3, 0], [0, 2, 5]]  # zero-padded groups
+    assert torch.equal(g.unpadded(g.padded(rows)), rows)
+
+
+@pytest.mark.parametrize(("slots", "in_order"), [([2] * 5, True), ([0, 0, 1, 1], True), ([0, 1, 0, 1], False)])
+def test_rows_already_in_padded_order_are_not_copied(slots: list[int], in_order: bool) -> None:
+    g = build_segments(slots).gather
+    assert g.in_order == in_order
+    rows = torch.randn(len(slots), 3)
+    if in_order:
+        assert g.padded(rows).data_ptr() == rows.data_ptr()
+    torch.testing.assert_close(g.unpadded(g.padded(rows)), rows)
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,16 @@ import torch
 
 pytest.importorskip("triton", reason="the triton package is not installed (it is in the project's test extra)")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction
 
-from switchboard.kernels import build_segments, lora_apply_ref, lora_shrink_ref, segmented_scale_ref  # noqa: E402
-from switchboard.kernels import triton_scale, triton_sgmv  # noqa: E402
+from switchboard.kernels import (
+    build_segments,
+    lora_apply_ref,
+    lora_shrink_ref,
+    segmented_scale_ref,
+    triton_scale,
+    triton_sgmv,
+)
 
 INTERPRETED = isinstance(triton_sgmv._shrink_kernel, InterpretedFunction)
 
@@ -35,12 +41,12 @@ DEVICES = [
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (rank, in, out, slots, tokens), small: ranks 1 / 16 / 64 (rank tile 16, 16, 64), 1-3 input and output tiles
 SHAPES = [(1, 64, 96, 3, 12), (16, 160, 64, 4, 20), (64, 64, 48, 2, 10)]
-# Every popularity pattern of conftest.py once, each on one of the shapes (the interpreter is slow).
+# Every popularity pattern of conftest.py once, each on one of the shapes (the interpreter is slow), and tiling.
 CASES = [
     ("distinct", SHAPES[0]), ("uniform", SHAPES[1]), ("zipf", SHAPES[2]), ("identical", SHAPES[1]),
     ("prefill", SHAPES[0]), ("decode_none", SHAPES[2]), ("single", SHAPES[1]), ("empty", SHAPES[0]),
-    ("none", SHAPES[2]),
-]  # fmt: skip
+    ("none", SHAPES[2]), ("identical", (8, 64, 80, 2, 70)), ("uniform", (80, 64, 64, 2, 8)),
+]  # fmt: skip  # the last two: two token tiles and two output tiles; a rank past one rank tile
 CASE_IDS = [f"{p}-r{r}-in{i}-out{o}" for p, (r, i, o, _, _) in CASES]
 
 
@@ -66,11 +72,13 @@ def _lora_case(shape, pattern, dtype, device, make_slots, make_randn):
 def test_triton_lora_matches_reference(device, dtype, pattern, shape, make_slots, make_randn, assert_close) -> None:
     _skip_interpreted_bf16_dot(device, dtype)
     seg, x, A, B, y = _lora_case(shape, pattern, dtype, device, make_slots, make_randn)
-    h = triton_sgmv.triton_lora_shrink(x, A, seg)
-    assert_close(h, lora_shrink_ref(x, A, seg), "shrink")
-    out = y.clone()
-    assert triton_sgmv.triton_lora_apply(out, x, A, B, seg) is out
-    assert_close(out, lora_apply_ref(y.clone(), x, A, B, seg), "apply")
+    expected_h, expected = lora_shrink_ref(x, A, seg), lora_apply_ref(y.clone(), x, A, B, seg)
+    k_major = A.transpose(1, 2).contiguous().transpose(1, 2), B.transpose(1, 2).contiguous().transpose(1, 2)
+    for layout, (A_, B_) in {"row-major": (A, B), "k-major": k_major}.items():
+        assert_close(triton_sgmv.triton_lora_shrink(x, A_, seg), expected_h, f"shrink, {layout} slots")
+        out = y.clone()
+        assert triton_sgmv.triton_lora_apply(out, x, A_, B_, seg) is out
+        assert_close(out, expected, f"apply, {layout} slots")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,7 +87,7 @@ def test_triton_expand_into_a_column_slice_and_over_an_empty_segment(device, mak
     seg = build_segments([0, 0, 1, 1, 1, -1, 2])
     starts, slots = seg.starts.tolist(), seg.slots.tolist()  # [0, 2, 5, 6, 7], [0, 1, -1, 2]
     seg = dataclasses.replace(
-        seg, starts=torch.tensor(starts[:2] + starts[1:]), slots=torch.tensor(slots[:1] + [2] + slots[1:])
+        seg, starts=torch.tensor(starts[:2] + starts[1:]), slots=torch.tensor([*slots[:1], 2, *slots[1:]])
     ).to(device)
     x = make_randn(7, 64, dtype=torch.float32, seed=1).to(device)
     A = make_randn(3, 8, 64, dtype=torch.float32, scale=0.125, seed=2).to(device)
@@ -111,13 +119,13 @@ def test_triton_scale_matches_reference(device, dtype, pattern, shape, make_slot
 def test_layout_is_checked_before_launch() -> None:
     seg = build_segments([0, 1])
     x, A = torch.zeros(2, 32), torch.zeros(2, 4, 32)
-    with pytest.raises(ValueError, match="innermost"):
-        triton_sgmv.triton_lora_shrink(torch.zeros(2, 64)[:, ::2], A, seg)
     with pytest.raises(ValueError, match="shapes"):
         triton_sgmv.triton_lora_shrink(x, torch.zeros(2, 4, 16), seg)
     with pytest.raises(ValueError, match="tokens"):
         triton_sgmv.triton_lora_shrink(x, A, build_segments([0, 1, 1]))
     with pytest.raises(ValueError, match="expected"):
         triton_sgmv.triton_lora_shrink(x, A.double(), seg)
-    with pytest.raises(ValueError, match="inner strides"):
-        triton_scale.triton_segmented_scale(torch.zeros(2, 64)[:, ::2], torch.zeros(2, 32), seg)
+    with pytest.raises(ValueError, match="overlaps"):
+        triton_scale.triton_segmented_scale(torch.zeros(1, 32).expand(2, 32), torch.zeros(2, 32), seg)
+    with pytest.raises(ValueError, match="overlaps"):
+        triton_sgmv.triton_lora_expand(torch.zeros(1, 8).expand(2, 8), torch.zeros(2, 4), torch.zeros(2, 8, 4), seg)
