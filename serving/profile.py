@@ -2,7 +2,8 @@
 
 Every configuration runs the same workload (N concurrent requests, P prompt tokens, M new tokens, greedy, EOS
 ignored) on a fresh engine over the same base checkpoint; the figure of merit is decode throughput (generated
-tokens per second over the decode steps), printed as a ratio to the base model measured in the same run.
+tokens per second over the decode steps), printed as a ratio to the base model: each run of a configuration is
+paired with a base run just before it, and the ratio is the median over the pairs.
 Adapters are PEFT directories: one is built with PEFT per configuration, and the others are seeded copies of it
 with fresh tensors of the same names and shapes (32 distinct adapters cost a second, not 32 PEFT builds).
 """
@@ -14,7 +15,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -47,8 +48,8 @@ class Measurement:
     description: str
     decode_tok_s: float
     total_tok_s: float
-    runs: list[float] = field(default_factory=list)
-    ratio_to_base: float | None = None
+    runs: list[float]
+    ratio_to_base: float  # median over runs paired with a base run just before
 
 
 def seeded_copies(src: Path, out_root: Path, count: int, seed: int) -> list[Path]:
@@ -70,29 +71,28 @@ def seeded_copies(src: Path, out_root: Path, count: int, seed: int) -> list[Path
     return out
 
 
-def _measure(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, adapter_ids, repeats: int):
-    """(decode tokens/s, total generated tokens/s) medians over `repeats` runs, after a warm-up."""
-    # Warm-up on the same batch shape: the first GEMM of each new shape pays for its kernel set-up (oneDNN).
+def _warm_up(engine: LLMEngine, prompts: list[list[int]], adapter_ids: list[str | None]) -> None:
+    # The same batch shape as the measurement: the first GEMM of each shape pays for its set-up (oneDNN).
     engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), adapter_ids)
-    decode_rates, total_rates = [], []
-    for r in range(repeats):
-        for i, (p, a) in enumerate(zip(prompts, adapter_ids, strict=True)):
-            engine.add_request(f"p{r}-{i}", p, params, a)
-        t0 = time.perf_counter()
-        decode_time = decode_tokens = 0.0
-        while engine.has_unfinished():
-            t = time.perf_counter()
-            plan_is_decode = not engine.scheduler.waiting and all(
-                s.num_uncomputed == 1 for s in engine.scheduler.running
-            )
-            outs = engine.step()
-            if plan_is_decode:
-                decode_time += time.perf_counter() - t
-                decode_tokens += len(outs)
-        total = time.perf_counter() - t0
-        decode_rates.append(decode_tokens / decode_time)
-        total_rates.append(len(prompts) * params.max_tokens / total)
-    return statistics.median(decode_rates), statistics.median(total_rates), decode_rates
+
+
+def _measure(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, adapter_ids: list[str | None]
+) -> tuple[float, float]:
+    """(decode tokens/s, generated tokens/s including prefill) for one run of the workload."""
+    for i, (p, a) in enumerate(zip(prompts, adapter_ids, strict=True)):
+        engine.add_request(f"profile-{i}", p, params, a)
+    t0 = time.perf_counter()
+    decode_time = decode_tokens = 0.0
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        is_decode = not engine.scheduler.waiting and all(s.num_uncomputed == 1 for s in engine.scheduler.running)
+        outs = engine.step()
+        if is_decode:
+            decode_time += time.perf_counter() - t
+            decode_tokens += len(outs)
+    total = time.perf_counter() - t0
+    return decode_tokens / decode_time, len(prompts) * params.max_tokens / total
 
 
 def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
@@ -120,6 +120,7 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
             adapters=adapters,
             merge_adapter=merge,
             max_resident_adapters=max(32, args.num_adapters),
+            kv_cache_gb=args.kv_cache_gb,
         )
         return LLMEngine(cfg)
 
@@ -159,19 +160,43 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
             )
         )
 
-    results: list[Measurement] = []
+    # All engines stay loaded (small KV pools) and are measured round-robin, so that drift of the machine
+    # (other load, frequency) spreads over every configuration instead of biasing whichever ran first.
+    engines = []
     for name, description, adapters, merge, ids in configs:
-        print(f"[profile] {name}: {description}", flush=True)
+        print(f"[profile] loading {name}: {description}", flush=True)
         eng = engine(adapters, merge)
-        decode, total, runs = _measure(eng, prompts, params, ids, repeats)
-        results.append(Measurement(name, description, decode, total, runs))
-        del eng
-    base = results[0].decode_tok_s
-    for m in results:
-        m.ratio_to_base = m.decode_tok_s / base
+        _warm_up(eng, prompts, ids)
+        engines.append(eng)
+    # Paired measurements: each configuration runs right after a run of the base model, and its ratio is the
+    # median of those pairs, so that drift of a shared 2-core machine cancels instead of biasing the table.
+    runs: list[list[tuple[float, float]]] = [[] for _ in configs]
+    ratios: list[list[float]] = [[] for _ in configs]
+    for r in range(repeats):
+        for i, ((name, _, _, _, ids), eng) in enumerate(zip(configs, engines, strict=True)):
+            if i == 0:
+                continue
+            print(f"[profile] round {r + 1}/{repeats}: base, then {name}", flush=True)
+            base_run = _measure(engines[0], prompts, params, configs[0][4])
+            run = _measure(eng, prompts, params, ids)
+            runs[0].append(base_run)
+            runs[i].append(run)
+            ratios[i].append(run[0] / base_run[0])
+    ratios[0] = [1.0]
+    results = [
+        Measurement(
+            name,
+            description,
+            decode_tok_s=statistics.median(d for d, _ in runs[i]),
+            total_tok_s=statistics.median(t for _, t in runs[i]),
+            runs=[d for d, _ in runs[i]],
+            ratio_to_base=statistics.median(ratios[i]),
+        )
+        for i, (name, description, _, _, _) in enumerate(configs)
+    ]
     workload = f"{n} concurrent requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"
     print(f"\nWorkload: {workload}; {args.dtype}; model {model_dir}; {torch.get_num_threads()} threads")
-    print("| configuration | decode tok/s | generated tok/s (incl. prefill) | decode ratio to base |")
+    print("| configuration | decode tok/s | generated tok/s (incl. prefill) | decode ratio to base (paired) |")
     print("|---|---|---|---|")
     for m in results:
         print(f"| {m.description} | {m.decode_tok_s:.0f} | {m.total_tok_s:.0f} | {m.ratio_to_base:.2f} |")

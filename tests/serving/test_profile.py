@@ -39,8 +39,9 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
     assert {"base", "merged", "unmerged-1", "lora-r16-attn", "lora-r8-all", "ia3", "prefix", "krona", "mixed"} <= set(
         rows
     )
-    base = rows["base"]["decode_tok_s"]
+    assert rows["base"]["ratio_to_base"] == 1.0
     for r in rows.values():
-        assert r["decode_tok_s"] > 0
-        assert abs(r["ratio_to_base"] - r["decode_tok_s"] / base) < 1e-9
+        assert r["decode_tok_s"] > 0 and r["ratio_to_base"] > 0
+    # every configuration's run was paired with a base run measured in the same process
+    assert len(rows["base"]["runs"]) == len(rows) - 1
     assert "| base model only |" in res.stdout
