@@ -2,8 +2,9 @@
 
 Each kind has its own pool of `max_resident` slots. Loading an adapter copies its (already scale-folded) tensors
 into a free or least-recently-used unreferenced slot, so the forward pass never allocates:
-- LoRA: per (layer, module) `A [S, r_max, in]`, `B [S, out, r_max]` (stored k-major); ranks below r_max are
-  zero-padded, and a slot whose adapter does not touch a module holds zeros there (no contribution).
+- LoRA: per packed linear `A [S, parts * r_max, in]` (one shrink for q|k|v), per part `B [S, out, r_max]`,
+  stored k-major; ranks below r_max are zero-padded, and a slot whose adapter does not touch a module holds
+  zeros there (no contribution).
 - KronA: per (layer, module, factor shapes) `W1 [S, o1, i1]`, `W2 [S, o2, i2]`; zeros where unused.
 - (IA)3: per (layer, module) `V [S, n]` initialised to ones (the identity).
 - prefix: no stacking; each resident prefix keeps its keys and values `[layers, 2, P, kv_heads, head_dim]`, written
@@ -26,6 +27,8 @@ from switchboard.adapters_store.kinds import (
     LoraAdapter,
     PrefixAdapter,
 )
+
+from .models.linear import AdapterLinear, LinearPart
 
 Site = tuple[int, str]  # (layer, module)
 KronKey = tuple[int, str, tuple[int, int], tuple[int, int]]  # (layer, module, w1 shape, w2 shape)
@@ -64,6 +67,7 @@ class AdapterSlots:
     def __init__(
         self,
         adapters: dict[str, Adapter],
+        linears: list[AdapterLinear],
         max_resident: int,
         dtype: torch.dtype,
         device: torch.device,
@@ -76,17 +80,29 @@ class AdapterSlots:
         self.num_evictions = 0
         s = max_resident
         loras = [a for a in adapters.values() if isinstance(a, LoraAdapter)]
-        self.lora_rank = max((a.rank for a in loras), default=0)
-        self.lora_A: dict[Site, torch.Tensor] = {}
-        self.lora_B: dict[Site, torch.Tensor] = {}
-        for a in loras:
-            for site, (A, B) in a.weights.items():
-                if site not in self.lora_A:
-                    # k-major storage ([S, in, r] and [S, r, out] seen transposed): the decode gather path sums
-                    # weight rows straight from the slots (kernels/sgmv.py), at about the base linear's cost.
-                    r = self.lora_rank
-                    self.lora_A[site] = torch.zeros(s, A.shape[1], r, dtype=dtype, device=device).transpose(1, 2)
-                    self.lora_B[site] = torch.zeros(s, r, B.shape[0], dtype=dtype, device=device).transpose(1, 2)
+        r = self.lora_rank = max((a.rank for a in loras), default=0)
+        # LoRA down-projections are stacked per packed linear (q|k|v, gate|up: one shrink for all its parts);
+        # up-projections per part. k-major storage ([S, in, r] and [S, r, out] seen transposed): the decode
+        # gather path then sums weight rows straight from the slots (kernels/sgmv.py), near a base linear's cost.
+        self.lora_A: dict[AdapterLinear, torch.Tensor] = {}  # [S, parts * r, in]
+        self.lora_parts: dict[AdapterLinear, list[tuple[LinearPart, int]]] = {}  # part, first row in A
+        self.lora_B: dict[Site, torch.Tensor] = {}  # [S, out, r]
+        for lin in linears:
+            parts = [
+                (part, j * r)
+                for j, part in enumerate(lin.parts)
+                if any((lin.layer_idx, part.name) in a.weights for a in loras)
+            ]
+            if not parts:
+                continue
+            width = len(lin.parts) * r
+            self.lora_A[lin] = torch.zeros(s, lin.in_features, width, dtype=dtype, device=device).transpose(1, 2)
+            self.lora_parts[lin] = parts
+            for part, _ in parts:
+                out = part.stop - part.start
+                self.lora_B[(lin.layer_idx, part.name)] = torch.zeros(s, r, out, dtype=dtype, device=device).transpose(
+                    1, 2
+                )
         self.kron: dict[KronKey, tuple[torch.Tensor, torch.Tensor]] = {}
         for a in adapters.values():
             if isinstance(a, KronaAdapter):
@@ -142,13 +158,15 @@ class AdapterSlots:
         self.num_loads += 1
         dt, dev = self.dtype, self.device
         if isinstance(adapter, LoraAdapter):
-            for site, A_stack in self.lora_A.items():
+            for lin, A_stack in self.lora_A.items():
                 A_stack[slot].zero_()
-                self.lora_B[site][slot].zero_()
-                if site in adapter.weights:
-                    A, B = adapter.weights[site]
-                    A_stack[slot, : A.shape[0]] = A.to(dev, dt)
-                    self.lora_B[site][slot, :, : B.shape[1]] = B.to(dev, dt)
+                for part, row in self.lora_parts[lin]:
+                    site = (lin.layer_idx, part.name)
+                    self.lora_B[site][slot].zero_()
+                    if site in adapter.weights:
+                        A, B = adapter.weights[site]
+                        A_stack[slot, row : row + A.shape[0]] = A.to(dev, dt)
+                        self.lora_B[site][slot, :, : B.shape[1]] = B.to(dev, dt)
         elif isinstance(adapter, KronaAdapter):
             for (layer, module, s1, s2), (W1, W2) in self.kron.items():
                 W1[slot].zero_()

@@ -53,11 +53,15 @@ class AdapterBatch:
         krona = self.seg.get(AdapterKind.KRONA)
         ia3 = self.seg.get(AdapterKind.IA3)
         s = self.slots
+        if lora is not None and linear in s.lora_A:
+            h = self.k.lora_shrink(x, s.lora_A[linear], lora)  # [T, parts * r]: every part's shrink at once
+            r = s.lora_rank
+            for part, row in s.lora_parts[linear]:
+                cols = y[:, part.start : part.stop]
+                self.k.lora_expand(cols, h[:, row : row + r], s.lora_B[(linear.layer_idx, part.name)], lora)
         for part in linear.parts:
             site = (linear.layer_idx, part.name)
             cols = y[:, part.start : part.stop]  # a view: kernels add or scale in place
-            if lora is not None and site in s.lora_A:
-                self.k.lora_apply(cols, x, s.lora_A[site], s.lora_B[site], lora)
             if krona is not None:
                 for key in self._kron_by_site.get(site, ()):
                     W1, W2 = s.kron[key]

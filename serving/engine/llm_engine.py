@@ -84,7 +84,7 @@ class LLMEngine:
         kernels = None
         if self.adapters:
             self.adapter_slots = AdapterSlots(
-                self.adapters, config.max_resident_adapters, config.torch_dtype, self.device
+                self.adapters, self.model.linears(), config.max_resident_adapters, config.torch_dtype, self.device
             )
             kernels = get_kernels(default_backend(self.device))
         self.scheduler = Scheduler(
