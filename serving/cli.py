@@ -79,6 +79,12 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kv-cache-gb", type=float, default=0.1, help="per configuration; all stay loaded")
+    p.add_argument(
+        "--no-peft-baseline",
+        dest="peft_baseline",
+        action="store_false",
+        help="skip PEFT's mixed-batch generate on the 32 distinct LoRA r=8 adapters",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results/profile"))
 
 

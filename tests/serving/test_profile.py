@@ -45,3 +45,4 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
     # every configuration's run was paired with a base run measured in the same process
     assert len(rows["base"]["runs"]) == len(rows) - 1
     assert "| base model only |" in res.stdout
+    assert report["peft_mixed_batch"]["peft_tok_s"] > 0 and "PEFT generate(adapter_names=...)" in res.stdout
