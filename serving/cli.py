@@ -27,6 +27,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-gb")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: float32 on the CPU, the model's dtype elsewhere",
+    )
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument(
         "--adapter",
@@ -62,7 +68,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-single", type=int, default=8, help="requests timed one at a time with transformers")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
 
 
@@ -132,6 +138,7 @@ def _serve(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         kv_cache_gb=args.kv_cache_gb,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.num_threads,
         adapters=parse_adapters(args.adapter),
         merge_adapter=args.merge_adapter,

@@ -70,12 +70,11 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        per_block = KVCache.bytes_per_block(
-            mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype
-        )
+        kv_dtype = config.torch_kv_cache_dtype
+        per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
         num_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_gb * 2**30) // per_block)
         self.kv_cache = KVCache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, config.torch_dtype, self.device
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.adapters = self._load_adapters(config)

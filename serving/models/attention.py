@@ -109,8 +109,8 @@ def paged_attention(
 
     q: [T, H, D]; k, v: [T, KV, D]; cache: [2, slots, KV, D] (one layer). Returns [T, H, D].
     """
-    cache[0].index_copy_(0, meta.slot_mapping, k)
-    cache[1].index_copy_(0, meta.slot_mapping, v)
+    cache[0].index_copy_(0, meta.slot_mapping, k.to(cache.dtype))
+    cache[1].index_copy_(0, meta.slot_mapping, v.to(cache.dtype))
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = q.new_empty(q.shape)
     for g in meta.groups:
@@ -119,9 +119,10 @@ def paged_attention(
         # index_select on flat slots is several times faster than advanced indexing with a 2-D index on CPU.
         k_g = cache[0].index_select(0, g.kv_slots.flatten()).view(batch, ctx, *cache.shape[2:])  # [B, L, KV, D]
         v_g = cache[1].index_select(0, g.kv_slots.flatten()).view(batch, ctx, *cache.shape[2:])
-        if g.out_index is None and q.dtype != torch.float32:
+        if (g.out_index is None and q.dtype != torch.float32) or q_g.dtype != k_g.dtype:
             # Decode (one query per sequence): the CPU kernel is 2-3x faster in float32 than in bf16/fp16 at
-            # these sizes, and the upcast of the gathered context costs less than the difference.
+            # these sizes, and the upcast of the gathered context costs less than the difference. A float32
+            # cache (the CPU default, see ServeConfig.kv_cache_dtype) makes the upcast unnecessary.
             q_g, k_g, v_g = q_g.float(), k_g.float(), v_g.float()
         o = F.scaled_dot_product_attention(
             q_g.transpose(1, 2),
