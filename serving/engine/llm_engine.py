@@ -234,7 +234,7 @@ class LLMEngine:
         self._num_preemptions += plan.num_preempted
         updated: list[Sequence] = list(plan.finished)
         if plan.scheduled:
-            self._write_prefixes([s.seq for s in plan.prefills])
+            self._write_prefixes([s.seq for s in plan.scheduled])  # a 1-token prompt is scheduled as a decode
             logits = self.runner.run(plan)
             sampling = [s.seq for s in plan.scheduled if s.samples]
             for s in plan.scheduled:

@@ -145,3 +145,12 @@ def test_malformed_adapters_are_refused_at_start_up(
     text = str(err.value)
     assert message.lower() in text.lower()
     assert "adapter_config.json" in text or "adapter_model" in text  # names the file
+
+
+def test_prefix_with_a_one_token_prompt(engine: LLMEngine, tiny_model_dir: Path, peft_adapters) -> None:
+    # A 1-token prompt is scheduled as a decode token: its prefix must still be written first.
+    peft = _peft(tiny_model_dir, peft_adapters["prefix"])
+    with torch.inference_mode():
+        ref = peft.generate(input_ids=torch.tensor([[0]]), max_new_tokens=16, do_sample=False)[0, 1:].tolist()
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert engine.generate([[0]], params, ["prefix"])[0] == ref
