@@ -156,7 +156,7 @@ class LLMEngine:
             assert self.adapter_slots is not None and seq.adapter_id is not None
             kv = self.adapter_slots.prefix_kv[seq.adapter_id]  # [layers, 2, P, kv_heads, head_dim]
             slots = torch.tensor([self.blocks.slot(seq, p) for p in range(seq.prefix_len)], device=self.device)
-            self.kv_cache.data[:, :, slots] = kv
+            self.kv_cache.data[:, :, slots] = kv.to(self.kv_cache.data.dtype)  # the cache may be float32
             seq.prefix_written = True
 
     # ---- requests -------------------------------------------------------------------------------------------

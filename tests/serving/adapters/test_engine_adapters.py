@@ -154,3 +154,22 @@ def test_prefix_with_a_one_token_prompt(engine: LLMEngine, tiny_model_dir: Path,
         ref = peft.generate(input_ids=torch.tensor([[0]]), max_new_tokens=16, do_sample=False)[0, 1:].tolist()
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     assert engine.generate([[0]], params, ["prefix"])[0] == ref
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
+def test_bf16_mixed_batch_runs_with_every_kind(tiny_model_dir: Path, peft_adapters, kv_cache_dtype: str) -> None:
+    # bf16 weights and adapter slots over a float32 (CPU default) or bf16 KV cache: dtypes must meet everywhere.
+    engine = LLMEngine(
+        ServeConfig(
+            model=tiny_model_dir,
+            dtype="bfloat16",
+            num_kv_blocks=128,
+            adapters=peft_adapters,
+            kv_cache_dtype=kv_cache_dtype,
+        )
+    )
+    names = [*peft_adapters, None]
+    out = engine.generate(
+        [[0, 5, 9, 100]] * len(names), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), names
+    )
+    assert [len(o) for o in out] == [6] * len(names)
