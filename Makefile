@@ -31,7 +31,7 @@ serve: demo-adapters
 	$(VENV)/bin/switchboard serve --model .cache/demo-model --host $(HOST) --port $(PORT) $(DEMO_ADAPTER_FLAGS) $(SERVE_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q  # not `python -m pytest`: that puts the repo root on sys.path, where `import kernels` would find our folder
 
 bench: demo-model
 	$(VENV)/bin/switchboard bench --model .cache/demo-model
