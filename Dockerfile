@@ -1,7 +1,7 @@
 # CPU image of the Switchboard server. On a GPU host, the same torch pin installs a CUDA build.
 FROM python:3.11-slim
 WORKDIR /app
-RUN apt-get update && apt-get install -y --no-install-recommends make gcc && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends make gcc g++ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md Makefile ./
 COPY serving serving
 COPY adapters_store adapters_store

@@ -1,18 +1,22 @@
-"""Paged attention in plain torch: the KV cache, the per-step attention metadata, and the attention itself.
+"""Paged attention: the KV cache, the per-step attention metadata, and the attention itself.
 
 The cache is a pool of fixed-size blocks; a sequence's keys and values live in the blocks its block table names.
 Each step's tokens are flattened into one batch ordered decodes first (one token per sequence), then prefill
-chunks. Decodes attend in one batched SDPA call over their gathered context; prefill chunks in a second call,
-padded to the longest chunk. Everything index-shaped is built once per step (`AttentionMetadata`) and shared by
-all layers.
+chunks. On the CPU, decodes attend with the compiled kernel of `switchboard.kernels.paged_attention`, which reads
+their context in place; elsewhere (or where it cannot be built) in one batched SDPA call over their gathered
+context. Prefill chunks attend in a second SDPA call, padded to the longest chunk. Everything index-shaped is built
+once per step (`AttentionMetadata`) and shared by all layers.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from switchboard.kernels.paged_attention import compiled_paged_attention_available, paged_decode_attention
 
 
 class KVCache:
@@ -45,6 +49,7 @@ class AttentionGroup:
 
     q_index:   [B, Q] rows of the group's tokens (relative to the group's first token) feeding each query slot
     kv_slots:  [B, L] cache slots holding each sequence's context, padded with slot 0
+    ctx_lens:  [B] context length of each sequence (its queries included)
     mask:      [B, 1, Q, L] True where a query may attend
     out_index: [n] flat indices into [B * Q] of the real (unpadded) queries, in token order
     """
@@ -53,6 +58,7 @@ class AttentionGroup:
     num_tokens: int
     q_index: torch.Tensor
     kv_slots: torch.Tensor
+    ctx_lens: torch.Tensor
     mask: torch.Tensor
     out_index: torch.Tensor | None  # None when there is no padding (decode: Q == 1)
 
@@ -92,6 +98,7 @@ def build_group(
         num_tokens=sum(q_lens),
         q_index=q_index.to(device),
         kv_slots=kv_slots.to(device),
+        ctx_lens=ctx_t.to(device),
         mask=mask[:, None].to(device),
         out_index=None if out_index is None else out_index.to(device),
     )
@@ -114,6 +121,13 @@ def paged_attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     out = q.new_empty(q.shape)
     for g in meta.groups:
+        if g.out_index is None and _decodes_in_place(cache.device):
+            # Decode (one query per sequence) on the CPU: the compiled kernel reads the context where it lies.
+            q_d = q[g.start : g.start + g.num_tokens]  # [B, H, D]
+            out[g.start : g.start + g.num_tokens] = paged_decode_attention(
+                q_d, cache[0], cache[1], g.kv_slots, g.ctx_lens, scale
+            )
+            continue
         q_g = q[g.start : g.start + g.num_tokens][g.q_index]  # [B, Q, H, D]
         batch, ctx = g.kv_slots.shape
         # index_select on flat slots is several times faster than advanced indexing with a 2-D index on CPU.
@@ -135,3 +149,10 @@ def paged_attention(
         o = o.transpose(1, 2).reshape(-1, num_heads, head_dim).to(q.dtype)
         out[g.start : g.start + g.num_tokens] = o if g.out_index is None else o[g.out_index]
     return out
+
+
+@functools.cache
+def _decodes_in_place(device: torch.device) -> bool:
+    """Whether decodes on `device` run the compiled paged kernel (the CPU, where it builds) rather than gathering
+    their context for SDPA; decided once per device (the first call may compile the kernel, about 10 s)."""
+    return device.type == "cpu" and compiled_paged_attention_available()
