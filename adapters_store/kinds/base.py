@@ -43,7 +43,7 @@ KEY_PREFIX = "base_model.model."
 _MODULE_KEY = re.compile(r"model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.([a-z_]+)\.(.+)")
 
 
-class AdapterKind(str, enum.Enum):
+class AdapterKind(enum.StrEnum):
     LORA = "lora"
     KRONA = "krona"
     IA3 = "ia3"
