@@ -347,6 +347,10 @@ def _build(source: str, cflags: list[str], root: Path) -> Callable[..., Tensor] 
     try:
         from torch.utils import cpp_extension  # imports setuptools
 
+        # pip installs ninja beside this interpreter; a venv's bin is not on PATH when its scripts run directly.
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
         build_dir.mkdir(parents=True, exist_ok=True)
         lock = build_dir / "lock"  # torch's build lock; a process killed mid-build leaves it, and others wait forever
         if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
