@@ -356,6 +356,13 @@ def pattern_number(config: dict[str, Any], field: str, key: str, default: float)
     return float(value)
 
 
+def merge_additive(adapter: Adapter, weight: torch.Tensor, layer: int, module: str, sign: float) -> torch.Tensor:
+    """Merge (sign 1) or unmerge (sign -1) an additive adapter's delta; an untouched module's weight as is."""
+    if (layer, module) not in adapter.modules():
+        return weight
+    return add_delta(weight, adapter.delta(layer, module), sign, f"{adapter.name} layer {layer} {module}")
+
+
 def add_delta(weight: torch.Tensor, delta: torch.Tensor, sign: float, what: str) -> torch.Tensor:
     """`weight + sign * delta` computed in float32, returned in `weight`'s dtype."""
     if tuple(weight.shape) != tuple(delta.shape):

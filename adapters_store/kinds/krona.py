@@ -30,12 +30,12 @@ from switchboard.adapters_store.kinds.base import (
     AdapterKind,
     BaseModelShape,
     WeightsFile,
-    add_delta,
     check_shape,
     config_int,
     config_number,
     group_keys,
     matrix_shape,
+    merge_additive,
     module_key,
     open_weights,
     pattern_number,
@@ -113,14 +113,10 @@ class KronaAdapter:
 
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """`weight + s kron(w1, w2)` in float32, cast back; an untouched module's weight is returned as is."""
-        if (layer, module) not in self.factors:
-            return weight
-        return add_delta(weight, self.delta(layer, module), 1.0, f"{self.name} layer {layer} {module}")
+        return merge_additive(self, weight, layer, module, 1.0)
 
     def unmerge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        if (layer, module) not in self.factors:
-            return weight
-        return add_delta(weight, self.delta(layer, module), -1.0, f"{self.name} layer {layer} {module}")
+        return merge_additive(self, weight, layer, module, -1.0)
 
 
 def factor_layout(file: WeightsFile, keys: dict[str, str], factor: str, r: int) -> FactorLayout:

@@ -24,13 +24,13 @@ from switchboard.adapters_store.kinds.base import (
     AdapterError,
     AdapterKind,
     BaseModelShape,
-    add_delta,
     check_shape,
     config_bool,
     config_int,
     config_number,
     group_keys,
     matrix_shape,
+    merge_additive,
     module_key,
     open_weights,
     pattern_number,
@@ -126,14 +126,10 @@ class LoraAdapter:
 
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """`weight + s B A` in float32, cast back; an untouched module's weight is returned as is."""
-        if (layer, module) not in self.weights:
-            return weight
-        return add_delta(weight, self.delta(layer, module), 1.0, f"{self.name} layer {layer} {module}")
+        return merge_additive(self, weight, layer, module, 1.0)
 
     def unmerge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
-        if (layer, module) not in self.weights:
-            return weight
-        return add_delta(weight, self.delta(layer, module), -1.0, f"{self.name} layer {layer} {module}")
+        return merge_additive(self, weight, layer, module, -1.0)
 
 
 def check_config(config: dict[str, Any]) -> None:
