@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 from starlette.requests import Request
 
-from switchboard.serving.api.errors import RATE_LIMIT, ApiError
+from switchboard.serving.api.errors import RATE_LIMIT, ApiError, bad_request
 from switchboard.serving.engine.request import EngineOverloaded, RequestOutput, SamplingParams
 from switchboard.serving.metrics import GenerationTimer
 
@@ -78,7 +78,7 @@ class Generation:
                 results: list[RequestOutput | BaseException | None] = [await _first_output(self._streams[0])]
             else:
                 results = await asyncio.gather(*map(_first_output, self._streams), return_exceptions=True)
-        except EngineOverloaded as exc:
+        except (EngineOverloaded, ValueError) as exc:
             results = [exc]
         except BaseException:
             await self.aclose()
@@ -95,6 +95,9 @@ class Generation:
                     code="queue_full",
                     headers={"Retry-After": str(max(1, overloaded[0].retry_after_s))},
                 ) from overloaded[0]
+            refused = next((e for e in errors if isinstance(e, ValueError)), None)
+            if refused is not None:  # the engine refused the request itself (e.g. prompt + prefix past the context)
+                raise bad_request(str(refused)) from refused
             raise errors[0]
         self._first = [r for r in results if not isinstance(r, BaseException)]
         self._timer.admitted(self._prompt_lengths)

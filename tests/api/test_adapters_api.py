@@ -72,3 +72,10 @@ def test_merged_server_serves_only_its_adapter(server_factory: ServerFactory, pe
     assert _complete(client, "lora").model == "lora"
     with pytest.raises(openai.NotFoundError, match="merged"):
         _complete(client, running.engine.model_name)
+
+
+def test_prompt_leaving_no_room_for_the_prefix_is_a_400(client: openai.OpenAI, adapter_server: RunningServer) -> None:
+    # The prefix adapter's 8 virtual tokens count against the context window; the engine's refusal is a 400.
+    tokens = adapter_server.engine.max_model_len - 4
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        client.completions.create(model="prefix", prompt=[5] * tokens, max_tokens=1)
