@@ -113,6 +113,9 @@ class AdapterSlots:
                             torch.zeros(s, *w1.shape, dtype=dtype, device=device),
                             torch.zeros(s, *w2.shape, dtype=dtype, device=device),
                         )
+        self.kron_by_site: dict[Site, list[KronKey]] = {}
+        for key in self.kron:
+            self.kron_by_site.setdefault((key[0], key[1]), []).append(key)
         self.ia3: dict[Site, torch.Tensor] = {}
         for a in adapters.values():
             if isinstance(a, IA3Adapter):

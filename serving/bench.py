@@ -33,7 +33,8 @@ def make_prompts(tokenizer, n: int, prompt_len: int) -> list[list[int]]:
     return out
 
 
-def _hf_generate(model, prompts: list[list[int]], max_tokens: int) -> int:
+def hf_generate(model, prompts: list[list[int]], max_tokens: int, **generate_kwargs) -> int:
+    """transformers (or PEFT) `generate` on equal-length prompts, exactly max_tokens each; generated token count."""
     ids = torch.tensor(prompts)
     out = model.generate(
         input_ids=ids,
@@ -42,6 +43,7 @@ def _hf_generate(model, prompts: list[list[int]], max_tokens: int) -> int:
         min_new_tokens=max_tokens,
         do_sample=False,
         pad_token_id=0,
+        **generate_kwargs,
     )
     return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
@@ -67,13 +69,13 @@ def bench_dtype(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[s
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     with torch.inference_mode():
-        _hf_generate(hf, prompts, 4)  # warm-up on the batch shape
-        single = _timed(lambda: sum(_hf_generate(hf, [p], args.max_tokens) for p in prompts[: args.hf_single]))
+        hf_generate(hf, prompts, 4)  # warm-up on the batch shape
+        single = _timed(lambda: sum(hf_generate(hf, [p], args.max_tokens) for p in prompts[: args.hf_single]))
         # Paired runs (ours, then transformers' batch): the machine's drift cancels in each pair's ratio.
         ours_runs, batch_runs = [], []
         for _ in range(args.repeats):
             ours_runs.append(_timed(ours))
-            batch_runs.append(_timed(lambda: _hf_generate(hf, prompts, args.max_tokens)))
+            batch_runs.append(_timed(lambda: hf_generate(hf, prompts, args.max_tokens)))
     ratios = [o / b for o, b in zip(ours_runs, batch_runs, strict=True)]
     return {
         "switchboard": statistics.median(ours_runs),

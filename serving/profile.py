@@ -22,7 +22,7 @@ import torch
 from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
 from safetensors.torch import load_file, save_file
 
-from .bench import make_prompts
+from .bench import hf_generate, make_prompts
 from .config import ServeConfig
 from .demo_adapters import ALL_LINEAR, ATTENTION, build_adapter
 from .engine.llm_engine import LLMEngine, load_tokenizer
@@ -105,20 +105,10 @@ def peft_mixed_batch(model_dir: Path, adapter_dirs: list[Path], prompts: list[li
     for i, d in enumerate(adapter_dirs[1:], start=1):
         model.load_adapter(d, adapter_name=f"a{i}")
     names = [f"a{i % len(adapter_dirs)}" for i in range(len(prompts))]
-    ids = torch.tensor(prompts)  # equal lengths: no padding
 
     def run(new_tokens: int) -> float:
         t0 = time.perf_counter()
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-            adapter_names=names,
-        )
-        return (out.shape[1] - ids.shape[1]) * out.shape[0] / (time.perf_counter() - t0)
+        return hf_generate(model, prompts, new_tokens, adapter_names=names) / (time.perf_counter() - t0)
 
     with torch.inference_mode():
         run(2)  # warm-up

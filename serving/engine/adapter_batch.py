@@ -8,15 +8,13 @@ or of the input (feed-forward targets such as down_proj).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from switchboard.adapters_store.kinds import AdapterKind
 from switchboard.kernels.backend import AdapterKernels
 from switchboard.kernels.segments import Segments, build_segments
 
-from ..adapter_cache import AdapterSlots, KronKey, Site
+from ..adapter_cache import AdapterSlots
 from ..models.linear import AdapterLinear
 
 
@@ -34,9 +32,6 @@ class AdapterBatch:
         self.seg: dict[AdapterKind, Segments] = {
             kind: build_segments(ts, device) for kind, ts in token_slots.items() if any(s >= 0 for s in ts)
         }
-        self._kron_by_site: dict[Site, list[KronKey]] = defaultdict(list)
-        for key in slots.kron:
-            self._kron_by_site[(key[0], key[1])].append(key)
 
     def transform_input(self, linear: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
         seg = self.seg.get(AdapterKind.IA3)
@@ -63,7 +58,7 @@ class AdapterBatch:
             site = (linear.layer_idx, part.name)
             cols = y[:, part.start : part.stop]  # a view: kernels add or scale in place
             if krona is not None:
-                for key in self._kron_by_site.get(site, ()):
+                for key in s.kron_by_site.get(site, ()):
                     W1, W2 = s.kron[key]
                     self.k.kron_apply(cols, x, W1, W2, krona)
             if ia3 is not None and site in s.ia3 and site not in s.ia3_input_sites:
