@@ -9,12 +9,14 @@ into a free or least-recently-used unreferenced slot, so the forward pass never 
 - (IA)3: per (layer, module) `V [S, n]` initialised to ones (the identity).
 - prefix: no stacking; each resident prefix keeps its keys and values `[layers, 2, P, kv_heads, head_dim]`, written
   into a sequence's first cache positions when it is admitted.
-Running sequences hold a reference to their slot; a referenced slot is never evicted.
+Running sequences hold a reference to their slot; a referenced slot is never evicted. Adapters can be registered
+while serving (uploads): stacks are allocated when the first adapter needing them arrives (see `register`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -63,7 +65,15 @@ class SlotPool:
         return None
 
 
+def _ignore(_: str) -> None:
+    return None
+
+
 class AdapterSlots:
+    """Device slots of every kind. Adapters may be registered at any time between steps (uploads): the stacks an
+    adapter needs (a linear, a KronA factor shape, an (IA)3 site no resident adapter touched before) are allocated the
+    first time one is registered, and the LoRA stacks grow their rank to the largest registered (zero-padded)."""
+
     def __init__(
         self,
         adapters: dict[str, Adapter],
@@ -72,62 +82,96 @@ class AdapterSlots:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.adapters = adapters
+        self.adapters: dict[str, Adapter] = {}
+        self.linears = linears
+        self.max_resident = max_resident
         self.dtype, self.device = dtype, device
         self.pools = {kind: SlotPool(max_resident) for kind in AdapterKind}
         self.prefix_kv: dict[str, torch.Tensor] = {}
         self.num_loads = 0
         self.num_evictions = 0
-        s = max_resident
-        loras = [a for a in adapters.values() if isinstance(a, LoraAdapter)]
-        r = self.lora_rank = max((a.rank for a in loras), default=0)
+        self.num_hits = 0
+        self.on_evict: Callable[[str], None] = _ignore  # the engine drops an evicted adapter nobody waits for
+        self.lora_rank = 0
         # LoRA down-projections are stacked per packed linear (q|k|v, gate|up: one shrink for all its parts);
         # up-projections per part. k-major storage ([S, in, r] and [S, r, out] seen transposed): the decode
         # gather path then sums weight rows straight from the slots (kernels/sgmv.py), near a base linear's cost.
         self.lora_A: dict[AdapterLinear, torch.Tensor] = {}  # [S, parts * r, in]
         self.lora_parts: dict[AdapterLinear, list[tuple[LinearPart, int]]] = {}  # part, first row in A
         self.lora_B: dict[Site, torch.Tensor] = {}  # [S, out, r]
-        for lin in linears:
-            parts = [
-                (part, j * r)
-                for j, part in enumerate(lin.parts)
-                if any((lin.layer_idx, part.name) in a.weights for a in loras)
-            ]
-            if not parts:
-                continue
-            width = len(lin.parts) * r
-            self.lora_A[lin] = torch.zeros(s, lin.in_features, width, dtype=dtype, device=device).transpose(1, 2)
-            self.lora_parts[lin] = parts
-            for part, _ in parts:
-                out = part.stop - part.start
-                self.lora_B[(lin.layer_idx, part.name)] = torch.zeros(s, r, out, dtype=dtype, device=device).transpose(
-                    1, 2
-                )
         self.kron: dict[KronKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        for a in adapters.values():
-            if isinstance(a, KronaAdapter):
-                for (layer, module), (w1, w2) in a.factors.items():
-                    key = (layer, module, tuple(w1.shape), tuple(w2.shape))
-                    if key not in self.kron:
-                        self.kron[key] = (
-                            torch.zeros(s, *w1.shape, dtype=dtype, device=device),
-                            torch.zeros(s, *w2.shape, dtype=dtype, device=device),
-                        )
         self.kron_by_site: dict[Site, list[KronKey]] = {}
-        for key in self.kron:
-            self.kron_by_site.setdefault((key[0], key[1]), []).append(key)
         self.ia3: dict[Site, torch.Tensor] = {}
-        for a in adapters.values():
-            if isinstance(a, IA3Adapter):
-                for site, (vec, _) in a.vectors.items():
-                    self.ia3.setdefault(site, torch.ones(s, vec.numel(), dtype=dtype, device=device))
-        self.ia3_input_sites = {
-            site
-            for a in adapters.values()
-            if isinstance(a, IA3Adapter)
-            for site, (_, side) in a.vectors.items()
-            if side == "input"
-        }
+        self.ia3_input_sites: set[Site] = set()
+        for adapter in adapters.values():
+            self.register(adapter)
+
+    # ---- registration (between steps) -------------------------------------------------------------------------
+    def register(self, adapter: Adapter) -> None:
+        """Make `adapter` acquirable, allocating the stacks it needs that do not exist yet."""
+        if isinstance(adapter, LoraAdapter):
+            self._register_lora(adapter)
+        elif isinstance(adapter, KronaAdapter):
+            for (layer, module), (w1, w2) in adapter.factors.items():
+                key = (layer, module, tuple(w1.shape), tuple(w2.shape))
+                if key not in self.kron:
+                    self.kron[key] = (self._zeros(*w1.shape), self._zeros(*w2.shape))
+                    self.kron_by_site.setdefault((layer, module), []).append(key)
+        elif isinstance(adapter, IA3Adapter):
+            for site, (vec, side) in adapter.vectors.items():
+                if site not in self.ia3:
+                    self.ia3[site] = torch.ones(self.max_resident, vec.numel(), dtype=self.dtype, device=self.device)
+                if side == "input":
+                    self.ia3_input_sites.add(site)
+        self.adapters[adapter.name] = adapter
+
+    def forget(self, name: str) -> bool:
+        """Drop an adapter nobody references from the slots and the registry; False if it is still referenced."""
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            return True
+        pool = self.pools[adapter.kind]
+        if pool.refs.get(name, 0):
+            return False
+        pool.resident.pop(name, None)
+        pool.refs.pop(name, None)
+        self.prefix_kv.pop(name, None)
+        del self.adapters[name]
+        return True
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(self.max_resident, *shape, dtype=self.dtype, device=self.device)
+
+    def _register_lora(self, adapter: LoraAdapter) -> None:
+        if adapter.rank > self.lora_rank:
+            self._grow_lora_rank(adapter.rank)
+        r = self.lora_rank
+        for lin in self.linears:
+            for j, part in enumerate(lin.parts):
+                site = (lin.layer_idx, part.name)
+                if site not in adapter.weights or site in self.lora_B:
+                    continue
+                if lin not in self.lora_A:
+                    self.lora_A[lin] = self._zeros(lin.in_features, len(lin.parts) * r).transpose(1, 2)
+                    self.lora_parts[lin] = []
+                self.lora_parts[lin].append((part, j * r))
+                self.lora_parts[lin].sort(key=lambda pr: pr[1])
+                self.lora_B[site] = self._zeros(r, part.stop - part.start).transpose(1, 2)
+
+    def _grow_lora_rank(self, r: int) -> None:
+        """Re-lay every LoRA stack at rank `r` (part j's rows move from j * old to j * r; new rows are zero)."""
+        old = self.lora_rank
+        for lin, A_old in self.lora_A.items():
+            A = self._zeros(lin.in_features, len(lin.parts) * r).transpose(1, 2)
+            for j in range(len(lin.parts)):
+                A[:, j * r : j * r + old] = A_old[:, j * old : (j + 1) * old]
+            self.lora_A[lin] = A
+            self.lora_parts[lin] = [(part, row // old * r) for part, row in self.lora_parts[lin]]
+        for site, B_old in self.lora_B.items():
+            B = self._zeros(r, B_old.shape[1]).transpose(1, 2)
+            B[:, :, :old] = B_old
+            self.lora_B[site] = B
+        self.lora_rank = r
 
     # ---- residency ------------------------------------------------------------------------------------------
     def kind(self, name: str) -> AdapterKind:
@@ -137,7 +181,9 @@ class AdapterSlots:
         """Make `name` resident and take a reference; its slot, or None when every slot is held."""
         pool = self.pools[self.kind(name)]
         slot = pool.lookup(name)
-        if slot is None:
+        if slot is not None:
+            self.num_hits += 1
+        else:
             placed = pool.place(name)
             if placed is None:
                 return None
@@ -145,6 +191,7 @@ class AdapterSlots:
             if evicted is not None:
                 self.num_evictions += 1
                 self.prefix_kv.pop(evicted, None)
+                self.on_evict(evicted)
             self._load(self.adapters[name], slot)
         pool.refs[name] = pool.refs.get(name, 0) + 1
         return slot
@@ -152,6 +199,9 @@ class AdapterSlots:
     def release(self, name: str) -> None:
         pool = self.pools[self.kind(name)]
         pool.refs[name] -= 1
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.pools[self.kind(name)].resident
 
     def num_resident(self) -> int:
         return sum(len(p.resident) for p in self.pools.values())

@@ -80,13 +80,14 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.adapters = self._load_adapters(config)
         self.merged_adapter = self._merge(config.merge_adapter)
-        self.adapter_slots = None
-        kernels = None
-        if self.adapters:
-            self.adapter_slots = AdapterSlots(
-                self.adapters, self.model.linears(), config.max_resident_adapters, config.torch_dtype, self.device
-            )
-            kernels = get_kernels(default_backend(self.device))
+        # Slots exist even without start-up adapters: uploads register adapters while serving.
+        self.adapter_slots = AdapterSlots(
+            self.adapters, self.model.linears(), config.max_resident_adapters, config.torch_dtype, self.device
+        )
+        self.adapter_slots.on_evict = self._on_evict
+        self._adapter_users: dict[str, int] = {}  # adapter -> sequences (waiting or running) that use it
+        self._retired: set[str] = set()  # adapters to drop once their last sequence ends (old versions, deleted)
+        kernels = get_kernels(default_backend(self.device))
         self.scheduler = Scheduler(
             self.blocks,
             config.max_num_seqs,
@@ -105,8 +106,13 @@ class LLMEngine:
     # ---- adapters -------------------------------------------------------------------------------------------
     def _load_adapters(self, config: ServeConfig) -> dict[str, Adapter]:
         """Every `--adapter NAME=DIR`, parsed and validated against the base model (AdapterError on problems)."""
+        return {name: load_adapter(path, self.base_shape, name) for name, path in config.adapters.items()}
+
+    @property
+    def base_shape(self) -> BaseModelShape:
+        """What adapters are validated against (start-up adapters here, uploads in the API)."""
         mc = self.model_config
-        shape = BaseModelShape(
+        return BaseModelShape(
             num_layers=mc.num_layers,
             hidden_size=mc.hidden_size,
             intermediate_size=mc.intermediate_size,
@@ -114,7 +120,6 @@ class LLMEngine:
             num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim,
         )
-        return {name: load_adapter(path, shape, name) for name, path in config.adapters.items()}
 
     def _merge(self, name: str | None) -> Adapter | None:
         """Fold one LoRA, KronA or (IA)3 adapter into the base weights; the engine then serves that adapter only."""
@@ -136,10 +141,51 @@ class LLMEngine:
                     b.copy_(adapter.merge_bias(b.clone(), layer, module))
         return adapter
 
+    def register_adapter(self, adapter: Adapter) -> None:
+        """Make an adapter parsed while serving (an upload) usable by requests; between steps only."""
+        self._retired.discard(adapter.name)
+        if adapter.name not in self.adapter_slots.adapters:
+            self.adapter_slots.register(adapter)
+
+    def retire_adapter(self, name: str) -> None:
+        """An old version or a deleted adapter: running requests finish on it, then it leaves the slots."""
+        if name in self.adapters:  # start-up adapters stay
+            return
+        self._retired.add(name)
+        self._maybe_forget(name)
+
+    def registered_adapters(self) -> list[str]:
+        return list(self.adapter_slots.adapters)
+
+    def _maybe_forget(self, name: str) -> None:
+        """Drop `name` from the slots once no sequence uses it and it is retired or no longer resident."""
+        slots = self.adapter_slots
+        if name in self.adapters or self._adapter_users.get(name, 0) or name not in slots.adapters:
+            return
+        if name in self._retired or not slots.is_resident(name):
+            slots.forget(name)
+            self._retired.discard(name)
+
+    def _on_evict(self, name: str) -> None:
+        """A slot went to another adapter: drop the evicted one unless a waiting sequence still needs it (the host
+        tier keeps its parsed copy; the API re-sends it with the next request)."""
+        self._maybe_forget(name)
+
+    def _seq_done(self, seq: Sequence) -> None:
+        name = seq.adapter_id
+        if name is None or seq.adapter_kind is None:
+            return
+        left = self._adapter_users.get(name, 0) - 1
+        if left > 0:
+            self._adapter_users[name] = left
+            return
+        self._adapter_users.pop(name, None)
+        self._maybe_forget(name)
+
     def _acquire_adapter(self, seq: Sequence) -> bool:
         if seq.adapter_kind is None:
             return True
-        assert self.adapter_slots is not None and seq.adapter_id is not None
+        assert seq.adapter_id is not None
         slot = self.adapter_slots.acquire(seq.adapter_id)
         if slot is None:
             return False  # every slot of its kind is held by running sequences: wait
@@ -148,7 +194,7 @@ class LLMEngine:
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_kind is not None and seq.adapter_slot >= 0:
-            assert self.adapter_slots is not None and seq.adapter_id is not None
+            assert seq.adapter_id is not None
             self.adapter_slots.release(seq.adapter_id)
             seq.adapter_slot = -1
 
@@ -157,7 +203,7 @@ class LLMEngine:
         for seq in seqs:
             if seq.prefix_len == 0 or seq.prefix_written:
                 continue
-            assert self.adapter_slots is not None and seq.adapter_id is not None
+            assert seq.adapter_id is not None
             kv = self.adapter_slots.prefix_kv[seq.adapter_id]  # [layers, 2, P, kv_heads, head_dim]
             slots = torch.tensor([self.blocks.slot(seq, p) for p in range(seq.prefix_len)], device=self.device)
             self.kv_cache.data[:, :, slots] = kv.to(self.kv_cache.data.dtype)  # the cache may be float32
@@ -170,7 +216,11 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter_id: str | None = None,
+        adapter: Adapter | None = None,
+        tenant: str = "",
     ) -> None:
+        """Queue a request. `adapter`: the parsed adapter named `adapter_id`, registered here if the engine does not
+        hold it (uploads); `tenant` groups requests for fair admission."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if request_id in self._requests:
@@ -181,9 +231,13 @@ class LLMEngine:
             )
         kind, prefix_len = None, 0
         if adapter_id is not None and (self.merged_adapter is None or adapter_id != self.merged_adapter.name):
-            adapter = self.adapters.get(adapter_id)
-            if adapter is None:
+            known = self.adapter_slots.adapters.get(adapter_id)
+            if known is None and adapter is not None and adapter.name == adapter_id:
+                self.register_adapter(adapter)
+                known = adapter
+            if known is None:
                 raise UnknownAdapter(adapter_id)
+            adapter = known
             kind = adapter.kind
             if isinstance(adapter, PrefixAdapter):
                 prefix_len = adapter.num_virtual_tokens
@@ -208,8 +262,11 @@ class LLMEngine:
                     adapter_kind=kind,
                     prefix_len=prefix_len,
                     generator=generator,
+                    tenant=tenant,
                 )
             )
+        if kind is not None:
+            self._adapter_users[adapter_id] = self._adapter_users.get(adapter_id, 0) + len(seqs)
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -219,6 +276,7 @@ class LLMEngine:
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
+                self._seq_done(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -282,6 +340,7 @@ class LLMEngine:
         )
         seq.pending_token_ids, seq.pending_logprobs = [], []
         if finished:
+            self._seq_done(seq)
             seqs = self._requests.get(seq.request_id, [])
             if all(s.is_finished for s in seqs):
                 self._requests.pop(seq.request_id, None)

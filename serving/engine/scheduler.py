@@ -4,12 +4,19 @@ Each step is one flattened token batch under `max_batch_tokens`: first every run
 the next chunk of an unfinished prefill), then newly admitted ones, while there are free blocks for their prompt and
 fewer than `max_num_seqs` run. When a running sequence needs a block and none is free, the most recently admitted
 sequence is preempted by recompute: its blocks are freed and it returns to the head of the queue.
+
+Admission order: preempted sequences first, then the waiting ones taking turns over tenants (the tenant served
+longest ago first, FIFO within a tenant), so one tenant's flood does not starve the others. A sequence whose adapter
+has no free device slot is skipped, not waited on: the others behind it proceed. So that it is not overtaken
+forever, once it has waited `slot_wait_s`, sequences of its adapter kind stop being admitted until a slot frees.
 """
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -62,8 +69,12 @@ class Scheduler:
         max_batch_tokens: int,
         on_admit: Callable[[Sequence], bool] = _always,
         on_release: Callable[[Sequence], None] = _nothing,
+        slot_wait_s: float = 0.5,
     ) -> None:
         self.on_admit = on_admit
+        self.slot_wait_s = slot_wait_s
+        self._served: dict[str, int] = {}  # tenant -> admission counter when it was last served
+        self._admissions = itertools.count(1)
         self.on_release = on_release
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
@@ -123,15 +134,27 @@ class Scheduler:
             (out.decodes if is_decode else out.prefills).append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
-            seq = self.waiting[0]
+        if out.num_preempted or not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
+            return out
+        held_kinds: set[object] = set()  # kinds whose slots are reserved for a sequence that waited too long
+        now = time.monotonic()
+        for seq in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
             if self.blocks.blocks_needed(seq, seq.num_tokens) > self.blocks.num_blocks:
                 self.finish(seq, FinishReason.LENGTH)  # could never fit, even alone
                 out.finished.append(seq)
                 continue
-            if not self.blocks.can_grow(seq, seq.num_tokens) or not self.on_admit(seq):
-                break
-            self.waiting.popleft()
+            if not self.blocks.can_grow(seq, seq.num_tokens):
+                break  # memory is first come, first served
+            if seq.adapter_kind in held_kinds:
+                continue
+            if not self.on_admit(seq):  # its adapter has no free slot: let the others pass
+                if now - seq.arrival_time >= self.slot_wait_s:
+                    held_kinds.add(seq.adapter_kind)
+                continue
+            self.waiting.remove(seq)
+            self._served[seq.tenant] = next(self._admissions)
             self.blocks.grow(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -139,3 +162,18 @@ class Scheduler:
             (out.decodes if n == 1 and seq.num_uncomputed == 1 else out.prefills).append(ScheduledSeq(seq, n))
             budget -= n
         return out
+
+    def _admission_order(self) -> Iterator[Sequence]:
+        """Preempted sequences first; then round-robin over tenants, least recently served first, FIFO within."""
+        by_tenant: dict[str, list[Sequence]] = {}
+        for seq in list(self.waiting):
+            if seq.num_preemptions:
+                yield seq
+            else:
+                by_tenant.setdefault(seq.tenant, []).append(seq)
+        if len(by_tenant) == 1:
+            yield from next(iter(by_tenant.values()))
+            return
+        queues = sorted(by_tenant.values(), key=lambda q: (self._served.get(q[0].tenant, 0), q[0].arrival_time))
+        for round_ in itertools.zip_longest(*queues):
+            yield from (seq for seq in round_ if seq is not None)

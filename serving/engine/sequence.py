@@ -36,6 +36,7 @@ class Sequence:
     prefix_len: int = 0  # cache positions filled by a prefix adapter before the first real token
     prefix_written: bool = False  # the prefix keys and values are in this sequence's blocks
     generator: torch.Generator | None = None
+    tenant: str = ""  # fair admission takes turns over tenants
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
