@@ -44,7 +44,10 @@ class ServeConfig:
     max_host_adapters: int = 256
     store: Path = Path(".cache/store")
     import_dir: Path | None = None
-    max_adapter_bytes: int = 512 * 1024 * 1024
+    max_adapter_bytes: int = 512 * 1024 * 1024  # uploads above: 413
+    max_lora_rank: int = 16  # uploads above: 422 (vLLM's default); start-up adapters may exceed it
+    max_virtual_tokens: int = 128  # prefix adapters above: 422
+    max_adapters_per_tenant: int = 1024  # uploads beyond: 409
     api_keys: Path | None = None
     backend: Literal["native", "vllm"] = "native"
     seed: int = 0
@@ -57,8 +60,17 @@ class ServeConfig:
         for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_resident_adapters < 1:
-            raise ValueError("--max-resident-adapters must be at least 1")
+        for name in (
+            "max_resident_adapters",
+            "max_host_adapters",
+            "max_adapter_bytes",
+            "max_lora_rank",
+            "max_virtual_tokens",
+            "max_adapters_per_tenant",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        self.store = Path(self.store)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("--num-kv-blocks must be at least 2")
         if self.kv_cache_gb <= 0:
