@@ -94,6 +94,13 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results/profile"))
 
 
+def _add_loadtest(sub: argparse._SubParsersAction) -> None:
+    from switchboard.loadtest.main import add_arguments
+
+    p = sub.add_parser("loadtest", help="multi-tenant load test of an OpenAI-compatible server (JSON, Markdown, PNG)")
+    add_arguments(p)
+
+
 def model_dir(model: str) -> Path:
     """`demo` means the embedded demo checkpoint, built once under .cache/."""
     if model == "demo":
@@ -169,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo_adapters(sub)
     _add_bench(sub)
     _add_profile(sub)
+    _add_loadtest(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -196,6 +204,10 @@ def main(argv: list[str] | None = None) -> None:
             if unknown:
                 raise ValueError(f"--kinds: unknown {sorted(unknown)}; choose from lora,krona,ia3,prefix,mixed")
             run_profile(args, model_dir(args.model))
+        elif args.command == "loadtest":
+            from switchboard.loadtest.main import config_from_args, run
+
+            run(config_from_args(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

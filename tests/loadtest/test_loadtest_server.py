@@ -1,0 +1,137 @@
+"""A bounded load test against a real `switchboard serve` (tiny model, 3 adapters): every request accounted for,
+results.json valid against its schema, the report and the PNGs written."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+
+from switchboard.loadtest.config import LengthSpec, LoadTestConfig, Popularity
+from switchboard.loadtest.main import run
+from switchboard.loadtest.report import SCHEMA_PATH
+
+ADAPTERS = ("lora", "ia3", "prefix")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> Iterator[str]:
+    """`switchboard serve` in its own process, as an operator would run it."""
+    port = _free_port()
+    cmd = [
+        str(Path(sys.executable).with_name("switchboard")),
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "256",
+        "--kv-cache-gb",
+        "0.05",
+        "--num-threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
+    for name in ADAPTERS:
+        cmd += ["--adapter", f"{name}={peft_adapters[name]}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else "server exited"
+            assert time.monotonic() < deadline, "the server did not answer /health in 90 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _check_report(out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    jsonschema.validate(results, json.loads(SCHEMA_PATH.read_text()))
+    assert (out / "results.schema.json").read_text() == SCHEMA_PATH.read_text()
+    for png in ("latency_cdf.png", "throughput.png", "adapter_latency.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, png
+        assert f"]({png})" in (out / "summary.md").read_text()
+    s = results["summary"]
+    assert s["sent"] == len(results["requests"]) == s["completed"] + s["errors"]
+    assert s["errors"] == sum(s["errors_by_status"].values())
+    return results
+
+
+def test_poisson_zipf_load_over_three_adapters(server_url: str, tmp_path: Path) -> None:
+    cfg = LoadTestConfig(
+        url=server_url,
+        out=tmp_path,
+        rate=12.0,
+        duration_s=3.0,
+        num_requests=200,
+        adapters=list(ADAPTERS),
+        popularity=Popularity.ZIPF,
+        zipf_alpha=1.2,
+        prompt_len=LengthSpec(8, 24),
+        output_len=LengthSpec(4, 12),
+        slo_ttft_ms=10_000,
+        slo_tpot_ms=10_000,
+        progress=False,
+    )
+    t0 = time.monotonic()
+    results = run(cfg)
+    assert time.monotonic() - t0 < 40  # stopped by --duration, then drained
+    s = _check_report(tmp_path)["summary"]
+    assert s["errors"] == 0 and 15 <= s["sent"] <= 80
+    assert {r["adapter"] for r in results["requests"]} <= set(ADAPTERS)
+    assert results["per_adapter"][0]["adapter"] == "lora"  # Zipf: the first adapter is the busiest
+    for r in results["requests"]:
+        assert r["completion_tokens"] == r["max_tokens"]  # ignore_eos, counted from the usage chunk
+        assert r["prompt_tokens"] == r["prompt_len"]
+        assert r["ttft_ms"] <= r["e2e_ms"] and r["scheduled_s"] is not None
+    assert s["output_token_throughput"] > 0 and s["goodput"]["requests"] > 0
+
+
+def test_closed_loop_counts_errors_by_status(server_url: str, tmp_path: Path) -> None:
+    """A fourth id the server does not know: exactly a quarter of the requests come back 404, and are counted."""
+    cfg = LoadTestConfig(
+        url=server_url,
+        out=tmp_path,
+        concurrency=4,
+        num_requests=16,
+        adapters=[*ADAPTERS, "no-such-adapter"],
+        popularity=Popularity.DISTINCT,
+        prompt_len=LengthSpec(8, 8),
+        output_len=LengthSpec(6, 6),
+        send_adapter_id=True,
+        progress=False,
+    )
+    run(cfg)
+    results = _check_report(tmp_path)
+    s = results["summary"]
+    assert (s["sent"], s["completed"], s["errors"], s["errors_by_status"]) == (16, 12, 4, {"404": 4})
+    failed = [r for r in results["requests"] if not r["ok"]]
+    assert {r["adapter"] for r in failed} == {"no-such-adapter"} and all(r["status"] == 404 for r in failed)
+    assert all(r["scheduled_s"] is None for r in results["requests"])
