@@ -76,6 +76,7 @@ class LoadTestConfig:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     request_timeout_s: float = 300.0
+    warmup_requests: int = 0  # sent (concurrently, up to --concurrency at a time) before the clock starts; not recorded
     seed: int = 0
     progress: bool = True
 
@@ -98,6 +99,8 @@ class LoadTestConfig:
             raise ValueError("--upload-model needs --num-adapters N (and no --adapters)")
         if self.num_adapters is not None and self.num_adapters < 1:
             raise ValueError("--num-adapters must be at least 1")
+        if self.warmup_requests < 0:
+            raise ValueError("--warmup-requests must be >= 0")
         if self.zipf_alpha <= 0:
             raise ValueError("--zipf must be positive")
         if self.prompt_format is PromptFormat.IDS and self.endpoint is Endpoint.CHAT and self.dataset is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 
 from .config import Endpoint, LengthSpec, LoadTestConfig, Popularity, PromptFormat
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-requests", type=int, default=0, help="sent first and not recorded")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", type=Path, default=Path("bench-results/loadtest"))
 
@@ -78,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         slo_tpot_ms=args.slo_tpot_ms,
         request_timeout_s=args.request_timeout,
         seed=args.seed,
+        warmup_requests=args.warmup_requests,
         progress=args.progress,
     )
 
@@ -85,6 +88,8 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
 def run(cfg: LoadTestConfig) -> dict:
     """Upload (if asked), discover, run the load, write results.json, summary.md and the PNGs."""
     import httpx  # imported here: `switchboard --help` should not pay for matplotlib and torch
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
 
     from .plots import write_plots
     from .report import build_results, write_report

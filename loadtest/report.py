@@ -40,13 +40,21 @@ def _ms(x: object) -> str:
 
 def summary_markdown(results: dict, plots: Sequence[str]) -> str:
     cfg, s = results["config"], results["summary"]
-    arrivals = f"Poisson, {cfg['rate']} req/s" if cfg["rate"] is not None else f"closed loop, {cfg['concurrency']}"
+    arrivals = f"Poisson at {cfg['rate']} req/s" if cfg["rate"] is not None else f"closed loop of {cfg['concurrency']}"
+    bounds = " and ".join(
+        x
+        for x in (
+            f"{cfg['num_requests']} requests" if cfg["num_requests"] is not None else "",
+            f"{cfg['duration_s']} s" if cfg["duration_s"] is not None else "",
+        )
+        if x
+    )
     adapters = results["server"].get("adapters") or []
     lines = [
         "# Load test",
         "",
         f"Server {cfg['url']} ({results['server'].get('base_model')}), {results['created']}.",
-        f"Arrivals: {arrivals}; bounded by {cfg['num_requests']} requests / {cfg['duration_s']} s; "
+        f"Arrivals: {arrivals}; bounded by {bounds}; "
         f"{len(adapters)} adapter(s), popularity {cfg['popularity']}"
         + (f" (alpha {cfg['zipf_alpha']})" if cfg["popularity"] == "zipf" else "")
         + f"; prompt {cfg['prompt_len']} tokens, output {cfg['output_len']} tokens, {cfg['endpoint']}, streamed.",

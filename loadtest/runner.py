@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
 from tqdm import tqdm
@@ -61,6 +62,21 @@ class _Bounds:
         return float("inf") if self._deadline is None else self._deadline - time.perf_counter()
 
 
+async def _warm_up(
+    client: httpx.AsyncClient, cfg: LoadTestConfig, adapters: list[str | None], base_model: str | None
+) -> None:
+    """Requests of the same shapes, not recorded: the server's first batches pay for set-up (kernels, caches)."""
+    plans = plan_requests(replace(cfg, seed=cfg.seed + 7919), adapters)  # other prompts than the timed ones
+    gate = asyncio.Semaphore(cfg.concurrency or cfg.warmup_requests)
+
+    async def one(plan: PlannedRequest) -> None:
+        async with gate:
+            body = request_body(plan, cfg.endpoint, base_model, cfg.send_adapter_id, cfg.ignore_eos)
+            await send(client, plan, body, cfg.endpoint, time.perf_counter())
+
+    await asyncio.gather(*(one(next(plans)) for _ in range(cfg.warmup_requests)))
+
+
 async def run_load(cfg: LoadTestConfig, adapters: list[str | None], base_model: str | None) -> list[RequestRecord]:
     plans = plan_requests(cfg, adapters)
     records: list[RequestRecord] = []
@@ -70,6 +86,8 @@ async def run_load(cfg: LoadTestConfig, adapters: list[str | None], base_model: 
     async with httpx.AsyncClient(
         base_url=cfg.url, timeout=httpx.Timeout(cfg.request_timeout_s), limits=limits, headers=headers
     ) as client:
+        if cfg.warmup_requests:
+            await _warm_up(client, cfg, adapters, base_model)
         t0 = time.perf_counter()
         bounds = _Bounds(cfg, plans, t0)
 

@@ -126,6 +126,7 @@ def test_closed_loop_counts_errors_by_status(server_url: str, tmp_path: Path) ->
         prompt_len=LengthSpec(8, 8),
         output_len=LengthSpec(6, 6),
         send_adapter_id=True,
+        warmup_requests=4,
         progress=False,
     )
     run(cfg)
