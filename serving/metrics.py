@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from switchboard.serving.adapter_metrics import AdapterTiers, AdapterUsage, DeviceStats, HostStats, StoreStats
 from switchboard.serving.engine.request import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ TTFT_BUCKETS = (
     80.0,
 )
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
 
 
@@ -125,7 +127,19 @@ class ServerMetrics:
             PREFIX + "prompt_tokens", "Prompt tokens of admitted requests.", registry=self.registry
         )
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=self.registry)
+        self.adapter_load_seconds = Histogram(
+            PREFIX + "adapter_load_seconds",
+            "Time to load an adapter from disk into host memory (read, validate, parse), in a worker thread.",
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.adapter_usage = AdapterUsage()
+        self.registry.register(self.adapter_usage)
         self.registry.register(_EngineCollector(stats))
+
+    def watch_adapters(self, device: Callable[[], DeviceStats], host: HostStats, store: StoreStats) -> None:
+        """Export the adapter tiers (device slots, host LRU, disk store) at scrape time."""
+        self.registry.register(AdapterTiers(device, host, store))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,15 +156,18 @@ class GenerationTimer:
         self._arrival = time.perf_counter() if arrival is None else arrival
         self._first_token_of_prompt: set[int] = set()
         self._first_token_at: dict[int, float] = {}  # choice -> time of its first token
+        self.adapter: str | None = None  # the adapter's metrics label (None: the base model)
 
     def admitted(self, prompt_lengths: list[int]) -> None:
         self._metrics.prompt_tokens.inc(sum(prompt_lengths))
+        self._metrics.adapter_usage.record(self.adapter, requests=1, prompt_tokens=sum(prompt_lengths))
 
     def on_output(self, prompt_index: int, choice: int, output: RequestOutput) -> None:
         if not output.new_token_ids and not output.finished:
             return
         now = time.perf_counter()
         self._metrics.generation_tokens.inc(len(output.new_token_ids))
+        self._metrics.adapter_usage.record(self.adapter, generation_tokens=len(output.new_token_ids))
         if output.new_token_ids and prompt_index not in self._first_token_of_prompt:
             self._first_token_of_prompt.add(prompt_index)
             self._metrics.time_to_first_token.observe(now - self._arrival)

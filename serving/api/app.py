@@ -7,6 +7,8 @@ SSE chunks (streaming) or collect one response (responses).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -17,6 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from transformers import PreTrainedTokenizerBase
 
+from switchboard.adapters_store.kinds import BaseModelShape
+from switchboard.adapters_store.store import AdapterStore
+from switchboard.serving.adapter_metrics import DeviceStats
+from switchboard.serving.api.adapter_registry import AdapterRegistry
+from switchboard.serving.api.adapter_routes import adapter_router
+from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
 from switchboard.serving.api.errors import bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
 from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
@@ -33,6 +41,7 @@ from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionReq
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.request import RequestOutput, SamplingParams
+from switchboard.serving.host_cache import HostCache
 from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
 
 # Status for a client that went away before its (non-streamed) response was ready; nobody reads it, the metrics do.
@@ -48,6 +57,7 @@ class Engine(Protocol):
     max_model_len: int
     adapter_kinds: dict[str, str]  # adapter id -> kind, every adapter requests may name
     merged_adapter: str | None  # the adapter folded into the weights (then the base model is not served)
+    base_shape: BaseModelShape  # what uploads are validated against
 
     def start(self) -> None: ...
 
@@ -58,6 +68,10 @@ class Engine(Protocol):
     ) -> AsyncGenerator[RequestOutput, None]: ...
 
     def stats(self) -> StatsSource: ...
+
+    def retire_adapter(self, adapter_id: str) -> None: ...
+
+    def adapter_stats(self) -> DeviceStats: ...
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
@@ -79,13 +93,20 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=metrics)
+    authenticate = Authenticator(read_api_keys(config.api_keys) if config.api_keys is not None else None)
+    host = HostCache(config.max_host_adapters, on_load=metrics.adapter_load_seconds.observe)
+    store = AdapterStore(config.store)
+    registry = AdapterRegistry(config, store, engine.adapter_kinds, engine.base_shape, host, engine.retire_adapter)
+    metrics.watch_adapters(engine.adapter_stats, host, store)
+    app.state.adapters = registry
+    app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes))
 
-    def resolve(body: SamplingFields) -> ResolvedModel:
+    def resolve(body: SamplingFields, tenant: Tenant) -> ResolvedModel:
         return resolve_model(
             body.model,
             body.adapter_id,
             base_model=engine.model_name,
-            adapter_exists=engine.adapter_kinds.__contains__,
+            adapter_exists=lambda adapter_id: registry.lookup(tenant, adapter_id) is not None,
             merged_adapter=engine.merged_adapter,
         )
 
@@ -97,9 +118,18 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         params: SamplingParams,
         resolved: ResolvedModel,
         timer: GenerationTimer,
+        tenant: Tenant,
     ) -> Response:
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-        generation = Generation(engine.generate, request_id, prompts, params, resolved.adapter_id, timer)
+        engine_adapter, parsed = None, None
+        if resolved.adapter_id is not None:
+            ref = registry.require(tenant, resolved.adapter_id)
+            engine_adapter = ref.key
+            timer.adapter = ref.key if ref.stored is None else f"{ref.stored.owner}/{ref.id}"
+            if ref.stored is not None:  # disk -> host tier in a worker thread, before the engine sees the request
+                parsed = await asyncio.to_thread(registry.parsed, ref)
+        generate = functools.partial(engine.generate, adapter=parsed, tenant=tenant.name)
+        generation = Generation(generate, request_id, prompts, params, engine_adapter, timer)
         try:
             await unless_disconnected(request, generation.start())
         except ClientDisconnected:
@@ -125,36 +155,37 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        tenant = authenticate(request)
         timer = metrics.timer()
         _refuse_unsupported(body)
-        resolved = resolve(body)
+        resolved = resolve(body, tenant)
         prompts = completion_prompts(body.prompt, engine.tokenizer)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         for ids in prompts:
             completion_budget(len(ids), max_tokens, engine.max_model_len, what="prompt")
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
         fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None)
-        return await serve(request, body, fmt, prompts, params, resolved, timer)
+        return await serve(request, body, fmt, prompts, params, resolved, timer, tenant)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        tenant = authenticate(request)
         timer = metrics.timer()
         _refuse_unsupported(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
-        resolved = resolve(body)
+        resolved = resolve(body, tenant)
         prompt = chat_prompt(body.messages, engine.tokenizer)
         max_tokens = completion_budget(len(prompt), body.requested_max_tokens(), engine.max_model_len, what="messages")
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs())
         fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
-        return await serve(request, body, fmt, [prompt], params, resolved, timer)
+        return await serve(request, body, fmt, [prompt], params, resolved, timer, tenant)
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": model_cards(engine.model_name, engine.max_model_len, created, engine.adapter_kinds),
-        }
+    async def list_models(request: Request) -> dict[str, Any]:
+        tenant = authenticate(request)
+        adapters = {ref.id: ref.kind for ref in registry.visible(tenant)}
+        return {"object": "list", "data": model_cards(engine.model_name, engine.max_model_len, created, adapters)}
 
     @app.get("/health")
     async def health() -> dict[str, str]:

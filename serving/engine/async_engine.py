@@ -14,6 +14,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from switchboard.adapters_store.kinds import Adapter
+
 from ..config import ServeConfig
 from .llm_engine import EngineStats, LLMEngine
 from .request import EngineOverloaded, RequestOutput, SamplingParams
@@ -27,11 +29,31 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: str | None
+    adapter: Adapter | None
+    tenant: str
 
 
 @dataclass(slots=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(slots=True)
+class _Retire:
+    adapter_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterStats:
+    """The device tier, for metrics (read from the step thread's structures without stopping it)."""
+
+    max_resident: int
+    resident: int
+    loads: int
+    hits: int
+    evictions: int
+    running: list[str]  # adapters of running sequences
+    waiting: list[str]  # adapters of waiting sequences
 
 
 class AsyncEngine:
@@ -41,12 +63,13 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name: str = config.served_model_name or config.model.name
         self.max_model_len = self.engine.max_model_len
+        self.base_shape = self.engine.base_shape
         merged = self.engine.merged_adapter
         self.merged_adapter: str | None = None if merged is None else merged.name
         self.adapter_kinds: dict[str, str] = {name: a.kind.value for name, a in self.engine.adapters.items()}
         if merged is not None:
             self.adapter_kinds[merged.name] = merged.kind.value
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Retire | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_adds = 0  # requests sent to the step thread and not yet queued by the scheduler
         self._pending_lock = threading.Lock()
@@ -81,8 +104,14 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         adapter_id: str | None = None,
+        *,
+        adapter: Adapter | None = None,
+        tenant: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts the request and frees its blocks."""
+        """Stream a request's outputs; closing the iterator early aborts the request and frees its blocks.
+
+        `adapter`: the parsed adapter `adapter_id` names, when the engine may not hold it (uploads: the host tier
+        hands it over and the step thread registers it); `tenant`: for fair admission."""
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the engine is not running")
         if self.stats().num_waiting >= self.config.max_waiting:
@@ -93,7 +122,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         with self._pending_lock:
             self._pending_adds += 1
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, adapter_id))
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, adapter_id, adapter, tenant))
         remaining = params.n
         try:
             while remaining:
@@ -108,6 +137,23 @@ class AsyncEngine:
             if remaining:
                 self._commands.put(_Abort(request_id))
 
+    def retire_adapter(self, adapter_id: str) -> None:
+        """An overwritten or deleted version: requests running on it finish, then it leaves the device."""
+        self._commands.put(_Retire(adapter_id))
+
+    def adapter_stats(self) -> AdapterStats:
+        slots = self.engine.adapter_slots
+        sched = self.engine.scheduler
+        return AdapterStats(
+            max_resident=slots.max_resident,
+            resident=slots.num_resident(),
+            loads=slots.num_loads,
+            hits=slots.num_hits,
+            evictions=slots.num_evictions,
+            running=sorted({s.adapter_id for s in list(sched.running) if s.adapter_id is not None}),
+            waiting=sorted({s.adapter_id for s in list(sched.waiting) if s.adapter_id is not None}),
+        )
+
     # ---- the step thread ------------------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
@@ -118,15 +164,20 @@ class AsyncEngine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, request_id, item)
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
+    def _apply(self, cmd: _Add | _Abort | _Retire) -> None:
         if isinstance(cmd, _Abort):
             self.engine.abort_request(cmd.request_id)
+            return
+        if isinstance(cmd, _Retire):
+            self.engine.retire_adapter(cmd.adapter_id)
             return
         with self._pending_lock:
             self._pending_adds -= 1
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id)
-        except ValueError as exc:
+            self.engine.add_request(
+                cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id, cmd.adapter, cmd.tenant
+            )
+        except (ValueError, KeyError) as exc:
             self._send(cmd.request_id, exc)
 
     def _run(self) -> None:

@@ -89,11 +89,13 @@ ServerFactory = Callable[..., RunningServer]
 
 
 @pytest.fixture(scope="session")
-def server_factory(tiny_model_dir: Path) -> Iterator[ServerFactory]:
-    """Start a server on the tiny model with `ServeConfig` overrides; every one is stopped at the end."""
+def server_factory(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Start a server on the tiny model with `ServeConfig` overrides (each on its own empty adapter store unless
+    `store` is given); every one is stopped at the end."""
     started: list[RunningServer] = []
 
     def start(**overrides: object) -> RunningServer:
+        overrides.setdefault("store", tmp_path_factory.mktemp("store"))
         started.append(start_server(serve_config(tiny_model_dir, **overrides)))
         return started[-1]
 
