@@ -79,7 +79,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         "--kinds", default="lora,krona,ia3,prefix,mixed", help="comma-separated: lora,krona,ia3,prefix,mixed"
     )
     p.add_argument("--num-adapters", type=int, default=32)
-    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated concurrent requests per run (default 1,8,32)")
+    p.add_argument("--num-requests", type=int, default=None, help="one batch size (same as --batch-sizes N)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -91,6 +92,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="skip PEFT's mixed-batch generate on the 32 distinct LoRA r=8 adapters",
     )
+    p.add_argument("--peer-url", default=None, help="also run the workload against this OpenAI-compatible server")
+    p.add_argument("--peer-adapters", default=None, help="comma-separated peer adapter ids (default: all it lists)")
     p.add_argument("--out", type=Path, default=Path("bench-results/profile"))
 
 

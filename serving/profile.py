@@ -6,6 +6,10 @@ tokens per second over the decode steps), printed as a ratio to the base model: 
 paired with a base run just before it, and the ratio is the median over the pairs.
 Adapters are PEFT directories: one is built with PEFT per configuration, and the others are seeded copies of it
 with fresh tensors of the same names and shapes (32 distinct adapters cost a second, not 32 PEFT builds).
+The table is measured for each batch size (`--batch-sizes`, default 1, 8, 32) on the same engines, beside the memory
+each configuration holds (base weights, adapter weights at the serving dtype, the workload's KV cache). The report
+is written as profile.json, profile.md and profile.png; `--peer-url` adds the same workload against another
+OpenAI-compatible server (such as vLLM), side by side.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ KIND_FAMILY = {"lora": "lora-r16-attn", "krona": "krona", "ia3": "ia3", "prefix"
 class Measurement:
     name: str
     description: str
+    batch_size: int
     decode_tok_s: float
     total_tok_s: float
     runs: list[float]
@@ -69,6 +74,24 @@ def seeded_copies(src: Path, out_root: Path, count: int, seed: int) -> list[Path
         (d / "adapter_config.json").write_text(config)
         out.append(d)
     return out
+
+
+def memory_bytes(engine: LLMEngine, adapter_dirs: list[Path], batch_size: int, tokens_per_seq: int) -> dict:
+    """What one configuration holds: base weights, its adapters' weights at the serving dtype, and the KV cache
+    blocks the workload's sequences occupy (the pool allocated is reported beside it)."""
+    dtype_size = torch.empty((), dtype=engine.config.torch_dtype).element_size()
+    adapters = 0
+    for d in adapter_dirs:
+        adapters += sum(t.numel() for t in load_file(d / "adapter_model.safetensors").values()) * dtype_size
+    kv = engine.kv_cache
+    per_block = kv.data.numel() * kv.data.element_size() // kv.num_blocks
+    blocks_per_seq = -(-tokens_per_seq // kv.block_size)
+    return {
+        "base_weights": sum(p.numel() * p.element_size() for p in engine.model.parameters()),
+        "adapters": adapters,
+        "kv_cache_workload": batch_size * blocks_per_seq * per_block,
+        "kv_cache_allocated": kv.data.numel() * kv.data.element_size(),
+    }
 
 
 def _warm_up(engine: LLMEngine, prompts: list[list[int]], adapter_ids: list[str | None]) -> None:
@@ -115,10 +138,97 @@ def peft_mixed_batch(model_dir: Path, adapter_dirs: list[Path], prompts: list[li
         return run(args.max_tokens)
 
 
+def _configurations(
+    families: dict[str, list[Path]], args: argparse.Namespace
+) -> list[tuple[str, str, dict[str, Path], str | None]]:
+    """(name, description, adapters, merged adapter) of every configuration, base first."""
+    configs: list[tuple[str, str, dict[str, Path], str | None]] = [("base", "base model only", {}, None)]
+    one = "lora-r16-all" if "lora-r16-all" in families else next(iter(families), None)
+    if one is not None and one != "prefix":
+        single = {"a0": families[one][0]}
+        configs.append(("merged", f"one {one} adapter merged", single, "a0"))
+        configs.append(("unmerged-1", f"one {one} adapter unmerged, all requests", single, None))
+    for family, dirs in sorted(families.items()):
+        adapters = {f"{family}-{i}": d for i, d in enumerate(dirs)}
+        configs.append((family, f"{len(adapters)} distinct {family} unmerged", adapters, None))
+    if "mixed" in args.kinds:
+        mixed: dict[str, Path] = {}
+        per_kind = max(1, args.num_adapters // len(KIND_FAMILY))
+        for family in KIND_FAMILY.values():
+            mixed |= {f"{family}-{i}": d for i, d in enumerate(families[family][:per_kind])}
+        configs.append(("mixed", f"{len(mixed)} adapters of all four kinds", mixed, None))
+    return configs
+
+
+def _request_adapters(name: str, adapters: dict[str, Path], merge: str | None, n: int) -> list[str | None]:
+    """Each request's adapter: none for the base (and the merged model), else round robin over the adapters."""
+    if name == "base" or merge is not None:
+        return [None] * n if name == "base" else [merge] * n
+    names = list(adapters)
+    return [names[i % len(names)] for i in range(n)]
+
+
+def _measure_batch_size(
+    configs: list, engines: list[LLMEngine], prompts: list[list[int]], params: SamplingParams, repeats: int
+) -> list[Measurement]:
+    """The paired table for one batch size: each configuration runs right after a base run, `repeats` times."""
+    n = len(prompts)
+    ids = [_request_adapters(name, adapters, merge, n) for name, _, adapters, merge in configs]
+    for eng, request_ids in zip(engines, ids, strict=True):
+        _warm_up(eng, prompts, request_ids)
+    # Paired measurements: each configuration runs right after a run of the base model, and its ratio is the
+    # median of those pairs, so that drift of a shared 2-core machine cancels instead of biasing the table.
+    runs: list[list[tuple[float, float]]] = [[] for _ in configs]
+    ratios: list[list[float]] = [[] for _ in configs]
+    for r in range(repeats):
+        for i, eng in enumerate(engines):
+            if i == 0:
+                continue
+            print(f"[profile] batch {n}, round {r + 1}/{repeats}: base, then {configs[i][0]}", flush=True)
+            base_run = _measure(engines[0], prompts, params, ids[0])
+            run = _measure(eng, prompts, params, ids[i])
+            runs[0].append(base_run)
+            runs[i].append(run)
+            ratios[i].append(run[0] / base_run[0])
+    ratios[0] = [1.0]
+    return [
+        Measurement(
+            name,
+            description,
+            batch_size=n,
+            decode_tok_s=statistics.median(d for d, _ in runs[i]),
+            total_tok_s=statistics.median(t for _, t in runs[i]),
+            runs=[d for d, _ in runs[i]],
+            ratio_to_base=statistics.median(ratios[i]),
+        )
+        for i, (name, description, _, _) in enumerate(configs)
+    ]
+
+
+def _print_table(results: list[Measurement], workload: str, args: argparse.Namespace, model_dir: Path) -> None:
+    print(f"\nWorkload: {workload}; {args.dtype}; model {model_dir}; {torch.get_num_threads()} threads")
+    print("| configuration | decode tok/s | generated tok/s (incl. prefill) | decode ratio to base (paired) |")
+    print("|---|---|---|---|")
+    for m in results:
+        print(f"| {m.description} | {m.decode_tok_s:.0f} | {m.total_tok_s:.0f} | {m.ratio_to_base:.2f} |")
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    """--batch-sizes, else --num-requests alone, else 1, 8 and 32."""
+    if args.batch_sizes:
+        sizes = [int(x) for x in args.batch_sizes.split(",") if x]
+    elif args.num_requests is not None:
+        sizes = [args.num_requests]
+    else:
+        sizes = [1, 8, 32]
+    if not sizes or min(sizes) < 1:
+        raise ValueError("--batch-sizes: positive integers, e.g. 1,8,32")
+    return sorted(set(sizes))
+
+
 def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
-    n, repeats = args.num_requests, args.repeats
+    sizes, repeats = batch_sizes(args), args.repeats
     tok = load_tokenizer(model_dir)
-    prompts = make_prompts(tok, n, args.prompt_len)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     work = args.out / "adapters"
     families: dict[str, list[Path]] = {}
@@ -136,7 +246,7 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
         cfg = ServeConfig(
             model=model_dir,
             dtype=args.dtype,
-            max_num_seqs=max(64, n),
+            max_num_seqs=max(64, *sizes),
             adapters=adapters,
             merge_adapter=merge,
             max_resident_adapters=max(32, args.num_adapters),
@@ -144,103 +254,64 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
         )
         return LLMEngine(cfg)
 
-    configs: list[tuple[str, str, dict[str, Path], str | None, list[str | None]]] = [
-        ("base", "base model only", {}, None, [None] * n)
-    ]
-    one = "lora-r16-all" if "lora-r16-all" in families else next(iter(families), None)
-    if one is not None and one != "prefix":
-        single = {"a0": families[one][0]}
-        configs.append(("merged", f"one {one} adapter merged", single, "a0", ["a0"] * n))
-        configs.append(("unmerged-1", f"one {one} adapter unmerged, all requests", single, None, ["a0"] * n))
-    for family, dirs in sorted(families.items()):
-        adapters = {f"{family}-{i}": d for i, d in enumerate(dirs)}
-        names = list(adapters)
-        configs.append(
-            (
-                family,
-                f"{len(names)} distinct {family} unmerged",
-                adapters,
-                None,
-                [names[i % len(names)] for i in range(n)],
-            )
-        )
-    if "mixed" in args.kinds:
-        mixed: dict[str, Path] = {}
-        per_kind = max(1, args.num_adapters // len(KIND_FAMILY))
-        for family in KIND_FAMILY.values():
-            mixed |= {f"{family}-{i}": d for i, d in enumerate(families[family][:per_kind])}
-        names = list(mixed)
-        configs.append(
-            (
-                "mixed",
-                f"{len(names)} adapters of all four kinds",
-                mixed,
-                None,
-                [names[i % len(names)] for i in range(n)],
-            )
-        )
-
+    configs = _configurations(families, args)
     # All engines stay loaded (small KV pools) and are measured round-robin, so that drift of the machine
     # (other load, frequency) spreads over every configuration instead of biasing whichever ran first.
     engines = []
-    for name, description, adapters, merge, ids in configs:
+    for name, description, adapters, merge in configs:
         print(f"[profile] loading {name}: {description}", flush=True)
-        eng = engine(adapters, merge)
-        _warm_up(eng, prompts, ids)
-        engines.append(eng)
-    # Paired measurements: each configuration runs right after a run of the base model, and its ratio is the
-    # median of those pairs, so that drift of a shared 2-core machine cancels instead of biasing the table.
-    runs: list[list[tuple[float, float]]] = [[] for _ in configs]
-    ratios: list[list[float]] = [[] for _ in configs]
-    for r in range(repeats):
-        for i, ((name, _, _, _, ids), eng) in enumerate(zip(configs, engines, strict=True)):
-            if i == 0:
-                continue
-            print(f"[profile] round {r + 1}/{repeats}: base, then {name}", flush=True)
-            base_run = _measure(engines[0], prompts, params, configs[0][4])
-            run = _measure(eng, prompts, params, ids)
-            runs[0].append(base_run)
-            runs[i].append(run)
-            ratios[i].append(run[0] / base_run[0])
-    ratios[0] = [1.0]
-    results = [
-        Measurement(
-            name,
-            description,
-            decode_tok_s=statistics.median(d for d, _ in runs[i]),
-            total_tok_s=statistics.median(t for _, t in runs[i]),
-            runs=[d for d, _ in runs[i]],
-            ratio_to_base=statistics.median(ratios[i]),
-        )
-        for i, (name, description, _, _, _) in enumerate(configs)
-    ]
-    workload = f"{n} concurrent requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"
-    print(f"\nWorkload: {workload}; {args.dtype}; model {model_dir}; {torch.get_num_threads()} threads")
-    print("| configuration | decode tok/s | generated tok/s (incl. prefill) | decode ratio to base (paired) |")
-    print("|---|---|---|---|")
-    for m in results:
-        print(f"| {m.description} | {m.decode_tok_s:.0f} | {m.total_tok_s:.0f} | {m.ratio_to_base:.2f} |")
+        engines.append(engine(adapters, merge))
+    by_size: dict[int, list[Measurement]] = {}
+    prompts_of: dict[int, list[list[int]]] = {}
+    for n in sizes:
+        prompts_of[n] = make_prompts(tok, n, args.prompt_len)
+        by_size[n] = _measure_batch_size(configs, engines, prompts_of[n], params, repeats)
+        workload = f"{n} concurrent requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"
+        _print_table(by_size[n], workload, args, model_dir)
+    largest = max(sizes)
+    memory = {
+        name: memory_bytes(eng, list(adapters.values()), largest, args.prompt_len + args.max_tokens)
+        for (name, _, adapters, _), eng in zip(configs, engines, strict=True)
+    }
+    results = by_size[largest]
+    workload = f"{largest} concurrent requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"
     peft_row = None
     if args.peft_baseline and "lora-r8-attn" in families:
         print("[profile] PEFT mixed batch, 32 distinct lora-r8-attn adapters (same workload)", flush=True)
-        peft_tok_s = peft_mixed_batch(model_dir, families["lora-r8-attn"], prompts, args)
+        peft_tok_s = peft_mixed_batch(model_dir, families["lora-r8-attn"], prompts_of[largest], args)
         ours = next(m for m in results if m.name == "lora-r8-attn")
-        peft_row = {"peft_tok_s": peft_tok_s, "switchboard_tok_s": ours.total_tok_s}
+        peft_row = {"peft_tok_s": peft_tok_s, "switchboard_tok_s": ours.total_tok_s, "batch_size": largest}
         print(
             f"\nSide by side, {len(families['lora-r8-attn'])} distinct LoRA r=8 on q,k,v,o, generated tok/s incl. "
             f"prefill: PEFT generate(adapter_names=...) {peft_tok_s:.0f}, switchboard {ours.total_tok_s:.0f} "
             f"({ours.total_tok_s / peft_tok_s:.1f}x)"
         )
+    del engines  # free the engines' KV pools before a peer run loads the machine
+    peer = None
+    if args.peer_url:
+        from switchboard.loadtest.peer import run_peer
+        from switchboard.loadtest.profile_report import peer_table
+
+        peer = run_peer(args.peer_url, sizes, args.prompt_len, args.max_tokens, args.repeats, args.peer_adapters)
+        print("\n" + "\n".join(peer_table({str(n): [asdict(m) for m in ms] for n, ms in by_size.items()}, peer)))
     report = {
         "workload": workload,
         "dtype": args.dtype,
         "model": str(model_dir),
         "threads": torch.get_num_threads(),
         "machine": platform.processor(),
+        "batch_sizes": sizes,
         "results": [asdict(m) for m in results],
+        "by_batch_size": {str(n): [asdict(m) for m in ms] for n, ms in by_size.items()},
+        "memory_bytes": memory,
+        "memory_batch_size": largest,
         "peft_mixed_batch": peft_row,
+        "peer": peer,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))
-    print(f"\nJSON: {args.out / 'profile.json'}")
+    from switchboard.loadtest.profile_report import write_profile_report
+
+    md, png = write_profile_report(report, args.out)
+    print(f"\nJSON: {args.out / 'profile.json'}; Markdown: {md}; plot: {png}")
     return report

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("switchboard")
@@ -19,8 +21,8 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
         "lora,ia3,prefix,krona,mixed",
         "--num-adapters",
         "4",
-        "--num-requests",
-        "4",
+        "--batch-sizes",
+        "1,4",
         "--prompt-len",
         "8",
         "--max-tokens",
@@ -35,7 +37,26 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["batch_sizes"] == [1, 4] and set(report["by_batch_size"]) == {"1", "4"}
     rows = {r["name"]: r for r in report["results"]}
+    assert all(r["batch_size"] == 4 for r in rows.values())
+    small = {r["name"]: r for r in report["by_batch_size"]["1"]}
+    assert set(small) == set(rows) and all(r["batch_size"] == 1 and r["decode_tok_s"] > 0 for r in small.values())
+    # ratios are computed from the runs measured in this process (one paired round: run / its base run)
+    for table in (rows, small):
+        base_runs = table["base"]["runs"]
+        others = [name for name in table if name != "base"]
+        for k, name in enumerate(others):
+            assert table[name]["ratio_to_base"] == pytest.approx(table[name]["runs"][0] / base_runs[k])
+    mem = report["memory_bytes"]
+    assert mem["base"]["adapters"] == 0 and mem["base"]["base_weights"] > 0
+    assert mem["mixed"]["adapters"] > mem["ia3"]["adapters"] > 0  # (IA)3 vectors are the smallest adapters
+    assert mem["base"]["base_weights"] == mem["mixed"]["base_weights"]
+    assert 0 < mem["base"]["kv_cache_workload"] <= mem["base"]["kv_cache_allocated"]
+    md = (tmp_path / "profile.md").read_text()
+    assert "## 1 concurrent request" in md and "## 4 concurrent requests" in md and "## Memory" in md
+    png = (tmp_path / "profile.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert {"base", "merged", "unmerged-1", "lora-r16-attn", "lora-r8-all", "ia3", "prefix", "krona", "mixed"} <= set(
         rows
     )
