@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from switchboard.training.cli import add_train_parser
+
 DEMO_DIR = Path(".cache/demo-model")
 DEMO_ADAPTERS_DIR = Path(".cache/demo-adapters")
 
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo_adapters(sub)
     _add_bench(sub)
     _add_profile(sub)
+    add_train_parser(sub)
     _add_loadtest(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -199,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
             from .bench import run_bench
 
             run_bench(args, model_dir(args.model))
+        elif args.command == "train":
+            from switchboard.training.cli import run_train
+
+            run_train(args, model_dir(args.model))
         elif args.command == "profile":
             from .profile import run_profile
 
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             from switchboard.loadtest.main import config_from_args, run
 
             run(config_from_args(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 
