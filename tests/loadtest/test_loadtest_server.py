@@ -29,8 +29,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> Iterator[str]:
-    """`switchboard serve` in its own process, as an operator would run it."""
+def server_url(
+    tiny_model_dir: Path, peft_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`switchboard serve` in its own process, as an operator would run it (in a temporary directory, so that
+    uploads land in a store of its own)."""
     port = _free_port()
     cmd = [
         str(Path(sys.executable).with_name("switchboard")),
@@ -52,12 +55,14 @@ def server_url(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> Iterator
     ]
     for name in ADAPTERS:
         cmd += ["--adapter", f"{name}={peft_adapters[name]}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workdir = tmp_path_factory.mktemp("server")
+    log = workdir / "server.log"  # a file, not a pipe: a pipe nobody reads would block a chatty server
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     try:
         while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else "server exited"
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the server did not answer /health in 90 s"
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
@@ -136,3 +141,41 @@ def test_closed_loop_counts_errors_by_status(server_url: str, tmp_path: Path) ->
     failed = [r for r in results["requests"] if not r["ok"]]
     assert {r["adapter"] for r in failed} == {"no-such-adapter"} and all(r["status"] == 404 for r in failed)
     assert all(r["scheduled_s"] is None for r in results["requests"])
+
+
+def test_profile_peer_workload_over_http(server_url: str) -> None:
+    """`switchboard profile --peer-url`'s workload: base model and the server's adapters, figures per batch size."""
+    from switchboard.loadtest.peer import run_peer
+    from switchboard.loadtest.profile_report import peer_table
+
+    peer = run_peer(server_url, [2], prompt_len=8, max_tokens=5, repeats=2)
+    assert set(ADAPTERS) <= set(peer["adapters"])  # discovered from /v1/models
+    row = peer["by_batch_size"]["2"]
+    for figures in (row["base"], row["adapters"]):
+        assert figures["errors"] == 0 and figures["output_tok_s"] > 0 and figures["tpot_p99_ms"] > 0
+    ours = {"2": [{"name": "base", "total_tok_s": 100.0}, {"name": "lora-r8-attn", "total_tok_s": 90.0}]}
+    table = "\n".join(peer_table(ours, peer))
+    assert f"| 2 | 100 | {row['base']['output_tok_s']:.0f} | 90 | {row['adapters']['output_tok_s']:.0f} |" in table
+
+
+def test_uploaded_adapters_take_the_load(server_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--num-adapters 3 --upload-model: three generated LoRA adapters uploaded (POST /v1/adapters), then used."""
+    cfg = LoadTestConfig(
+        url=server_url,
+        out=tmp_path,
+        concurrency=3,
+        num_requests=9,
+        num_adapters=3,
+        upload_model=tiny_model_dir,
+        popularity=Popularity.DISTINCT,
+        prompt_len=LengthSpec(8, 8),
+        output_len=LengthSpec(4, 4),
+        seed=5,
+        progress=False,
+    )
+    results = run(cfg)
+    ids = [f"loadtest-5-{i}" for i in range(3)]
+    assert results["server"]["uploaded"] == 3 and results["server"]["adapters"] == ids
+    assert results["summary"]["completed"] == 9 and {r["adapter"] for r in results["requests"]} == set(ids)
+    listed = {c["id"] for c in httpx.get(f"{server_url}/v1/models").json()["data"]}
+    assert set(ids) <= listed
