@@ -58,6 +58,11 @@ def check_adapter_id(adapter_id: str) -> None:
         )
 
 
+def version_key(owner: str, adapter_id: str, sha256: str) -> str:
+    """The engine's name for one version: a new version is a new name, so running requests keep the old one."""
+    return f"{owner}/{adapter_id}@{sha256[:16]}"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredAdapter:
     """One visible adapter: its current version and what the upload answer reports."""
@@ -76,8 +81,7 @@ class StoredAdapter:
 
     @property
     def key(self) -> str:
-        """The engine's name for this version: a new version is a new key, so running requests keep the old one."""
-        return f"{self.owner}/{self.id}@{self.sha256[:16]}"
+        return version_key(self.owner, self.id, self.sha256)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
