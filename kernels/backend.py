@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import kron, scale, sgmv
 from .segments import Segments
+from .sgmv import PackedPart
 
 
 class Backend(enum.Enum):
@@ -37,6 +38,7 @@ class AdapterKernels:
     lora_shrink: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, A, seg) -> h
     lora_expand: Callable[[Tensor, Tensor, Tensor, Segments], Tensor]  # (y, h, B, seg) -> y
     lora_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, A, B, seg) -> y
+    lora_packed: Callable[[Tensor, Tensor, Tensor, Sequence[PackedPart], Segments], Tensor]  # (y, x, A, parts, seg)
     kron_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, W1, W2, seg) -> y
     segmented_scale: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> x, in place
     segmented_scaled: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> new tensor
@@ -50,12 +52,27 @@ def _reference_scaled(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
     return scale.segmented_scale_ref(x.clone(memory_format=torch.contiguous_format), V, seg)
 
 
+def _packed_from(
+    shrink: Callable[[Tensor, Tensor, Segments], Tensor], expand: Callable[[Tensor, Tensor, Tensor, Segments], Tensor]
+) -> Callable[[Tensor, Tensor, Tensor, Sequence[PackedPart], Segments], Tensor]:
+    """`lora_packed` as one shrink and an expand per part (h rounded to x's dtype in between)."""
+
+    def packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], seg: Segments) -> Tensor:
+        h = shrink(x, A, seg)
+        for B, col, row in parts:
+            expand(y[:, col : col + B.shape[1]], h[:, row : row + B.shape[2]], B, seg)
+        return y
+
+    return packed
+
+
 def _load_reference() -> AdapterKernels:
     return AdapterKernels(
         backend=Backend.REFERENCE,
         lora_shrink=sgmv.lora_shrink_ref,
         lora_expand=sgmv.lora_expand_ref,
         lora_apply=sgmv.lora_apply_ref,
+        lora_packed=sgmv.lora_packed_ref,
         kron_apply=kron.kron_apply_ref,
         segmented_scale=scale.segmented_scale_ref,
         segmented_scaled=_reference_scaled,
@@ -68,6 +85,7 @@ def _load_torch() -> AdapterKernels:
         lora_shrink=sgmv.lora_shrink,
         lora_expand=sgmv.lora_expand,
         lora_apply=sgmv.lora_apply,
+        lora_packed=sgmv.lora_packed,
         kron_apply=kron.kron_apply,
         segmented_scale=scale.segmented_scale,
         segmented_scaled=scale.segmented_scaled,
@@ -85,6 +103,7 @@ def _load_triton() -> AdapterKernels:
         lora_shrink=triton_sgmv.triton_lora_shrink,
         lora_expand=triton_sgmv.triton_lora_expand,
         lora_apply=triton_sgmv.triton_lora_apply,
+        lora_packed=_packed_from(triton_sgmv.triton_lora_shrink, triton_sgmv.triton_lora_expand),
         kron_apply=kron.kron_apply,
         segmented_scale=triton_scale.triton_segmented_scale,
         segmented_scaled=triton_scale.triton_segmented_scaled,

@@ -20,27 +20,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
-
-# Reassociating float sums lets gcc end each dot product with a shuffle tree rather than a chain of 16 scalar adds
-# (20-30% faster); the kernel's arithmetic does not depend on the order of its sums.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-_LDFLAGS = ["-fopenmp"]  # links libgomp.so.1; torch has loaded its own copy under that name, which is the one used
-_STALE_LOCK_S = 600  # a build lock older than this was left by a process killed mid-build
+from .cpp_build import build_ops
 
 _SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -315,63 +302,14 @@ def compiled_paged_attention_unavailable_reason() -> str | None:
 
 @functools.cache
 def _built() -> Callable[..., Tensor] | str:
-    return _build(_SOURCE, _CFLAGS, _cache_root())
+    reason = build_ops("paged_attention", _SOURCE)
+    return reason if reason is not None else torch.ops.switchboard.paged_decode_attention
 
 
 @functools.cache
 def _implementation() -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]:
     built = _built()
     return paged_decode_attention_ref if isinstance(built, str) else built
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "switchboard" / "torch_extensions"
-
-
-def _cpu_id() -> str:
-    """The CPU's feature flags (the build uses -march=native), or what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(source: str, cflags: list[str], root: Path) -> Callable[..., Tensor] | str:
-    """Compile `source` (or load an earlier build of it under `root`) and return its op; else, after one warning,
-    why not: no compiler, no ninja, no setuptools, a compile error, an unwritable cache."""
-    parts = [source, *cflags, *_LDFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_id()]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    build_dir = root / f"paged_attention_{key}"
-    start = time.perf_counter()
-    try:
-        from torch.utils import cpp_extension  # imports setuptools
-
-        # pip installs ninja beside this interpreter; a venv's bin is not on PATH when its scripts run directly.
-        bin_dir = str(Path(sys.executable).parent)
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        build_dir.mkdir(parents=True, exist_ok=True)
-        lock = build_dir / "lock"  # torch's build lock; a process killed mid-build leaves it, and others wait forever
-        if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-        cpp_extension.load_inline(
-            name=f"switchboard_paged_attention_{key}",
-            cpp_sources=[source],
-            extra_cflags=cflags,
-            extra_ldflags=_LDFLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            no_implicit_headers=True,
-        )
-    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as e:
-        reason = f"{type(e).__name__}: {e}"[:2000]
-        logger.warning(
-            "paged attention: the C++ kernel cannot be built, decode attention runs the torch reference: %s", reason
-        )
-        return reason
-    logger.info("paged attention: C++ kernel loaded in %.1f s from %s", time.perf_counter() - start, build_dir)
-    return torch.ops.switchboard.paged_decode_attention
 
 
 def _serving_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor, mask: Tensor, scale: float) -> Tensor:

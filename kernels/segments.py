@@ -39,6 +39,7 @@ class Gather:
 
     rows: Tensor  # [N] int64, token indices (ascending)
     slots: Tensor  # [N] int64, their slots
+    token_slots: Tensor  # [T] int64, the slot of each gathered token, NO_SLOT for every other token
     distinct: Tensor  # [U] int64, their distinct slots, ascending
     padded_pos: Tensor  # [N] int64, row of each token in a [U, width] layout: u * width + rank within slot u
     width: int  # most tokens of one slot
@@ -75,6 +76,7 @@ class Gather:
         return Gather(
             rows=self.rows.to(device),
             slots=self.slots.to(device),
+            token_slots=self.token_slots.to(device),
             distinct=self.distinct.to(device),
             padded_pos=self.padded_pos.to(device),
             width=self.width,
@@ -134,9 +136,12 @@ def _gather(rows: Tensor, slots: Tensor, num_tokens: int) -> Gather:
     rank[order] = torch.arange(group.numel()) - firsts[group[order]]
     width = int(counts.max()) if counts.numel() else 0
     padded_pos = group * width + rank
+    token_slots = torch.full((num_tokens,), NO_SLOT, dtype=torch.int64)
+    token_slots[rows] = slots
     return Gather(
         rows=rows,
         slots=slots,
+        token_slots=token_slots,
         distinct=distinct,
         padded_pos=padded_pos,
         width=width,

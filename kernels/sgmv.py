@@ -22,10 +22,14 @@ small bf16 matmul costs ~20 us on this CPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_lora
 from .segments import NO_SLOT, Gather, Segments
 
 
@@ -164,3 +168,73 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, seg: Segments) -> Ten
         y.
     """
     return lora_expand(y, lora_shrink(x, A, seg), B, seg)
+
+
+PackedPart = tuple[Tensor, int, int]  # (B [S, out, r_max], first column of the part in y, first row of its h)
+
+
+def lora_packed_ref(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], seg: Segments) -> Tensor:
+    """Reference for `lora_packed`: a float32 loop over tokens, h never rounded, in place on y."""
+    for t, s in enumerate(seg.token_slots.tolist()):
+        if s != NO_SLOT:
+            h = A[s].float() @ x[t].float()  # [W]
+            for B, col, row in parts:
+                out, r = B.shape[1], B.shape[2]
+                y[t, col : col + out] = (y[t, col : col + out].float() + B[s].float() @ h[row : row + r]).to(y.dtype)
+    return y
+
+
+def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], seg: Segments) -> Tensor:
+    """LoRA on a packed linear (q|k|v, gate|up): one shrink for every part, then each part's expand, in place.
+
+    Semantics:
+        for t in range(T):
+            if (s := seg.token_slots[t]) != -1:
+                h = A[s] @ x[t]                                   # [W]: every part's rows at once
+                for B, col, row in parts:
+                    y[t, col : col + out] += B[s] @ h[row : row + r]
+
+    On CPU tensors with k-major slots the gathered tokens go to the compiled op (`cpu_lora`: one call for the
+    shrink and every expand); elsewhere, or where it cannot be built, to `lora_shrink` and `lora_expand`. Long runs
+    take one matmul per run and part on the slot's weights in place.
+
+    Args:
+        y: [T, out_total] packed output, updated in place.
+        x: [T, in] activations.
+        A: [S, W, in] stacked down-projections of every part (W = parts x r_max), row-major or k-major.
+        parts: (B [S, out, r_max] with the scale folded in, first column in y, first row in W) per part.
+        seg: the step's segments (T tokens).
+    Returns:
+        y.
+    """
+    g = seg.gather
+    if g.num_tokens:
+        if _compiled_applies(y, x, A, parts):
+            r = parts[0][0].shape[2]
+            storage = [(B.transpose(1, 2), col, row) for B, col, row in parts]
+            cpu_lora.lora_packed_gather(y, x, g.token_slots, A.transpose(1, 2), storage, r)
+        else:
+            h = lora_shrink(x, A, _gather_only(seg))
+            for B, col, row in parts:
+                lora_expand(y[:, col : col + B.shape[1]], h[:, row : row + B.shape[2]], B, _gather_only(seg))
+    for start, end, slot in seg.long_runs:
+        h = x[start:end] @ A[slot].t()  # [n, W]
+        for B, col, row in parts:
+            y[start:end, col : col + B.shape[1]].addmm_(h[:, row : row + B.shape[2]], B[slot].t())
+    return y
+
+
+def _compiled_applies(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart]) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.stride(1) == 1
+        and y.stride(1) == 1
+        and is_k_major(A)
+        and all(is_k_major(B) for B, _, _ in parts)
+        and cpu_lora.compiled_lora_available()
+    )
+
+
+def _gather_only(seg: Segments) -> Segments:
+    """`seg` without its long runs (the caller does them)."""
+    return seg if not seg.long_runs else replace(seg, long_runs=())

@@ -49,11 +49,8 @@ class AdapterBatch:
         ia3 = self.seg.get(AdapterKind.IA3)
         s = self.slots
         if lora is not None and linear in s.lora_A:
-            h = self.k.lora_shrink(x, s.lora_A[linear], lora)  # [T, parts * r]: every part's shrink at once
-            r = s.lora_rank
-            for part, row in s.lora_parts[linear]:
-                cols = y[:, part.start : part.stop]
-                self.k.lora_expand(cols, h[:, row : row + r], s.lora_B[(linear.layer_idx, part.name)], lora)
+            parts = [(s.lora_B[(linear.layer_idx, p.name)], p.start, row) for p, row in s.lora_parts[linear]]
+            self.k.lora_packed(y, x, s.lora_A[linear], parts, lora)  # one shrink for q|k|v, then each expand
         for part in linear.parts:
             site = (linear.layer_idx, part.name)
             cols = y[:, part.start : part.stop]  # a view: kernels add or scale in place

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from switchboard.kernels import cpp_build
 from switchboard.kernels import paged_attention as pa
 
 # Against the float64 oracle, keyed by q's dtype (the output's); both paths compute in float32, so the cache's
@@ -145,11 +146,11 @@ def test_compiled_rejects_bad_inputs(compiled) -> None:
 
 
 def test_failed_build_warns_once_and_falls_back_to_the_reference(tmp_path, caplog, monkeypatch) -> None:
-    with caplog.at_level(logging.WARNING, logger=pa.__name__):
-        reason = pa._build("#error no kernel here\n", [], tmp_path)
+    with caplog.at_level(logging.WARNING, logger=cpp_build.__name__):
+        reason = cpp_build.build_ops("broken", "#error no kernel here\n", [], tmp_path)
     assert isinstance(reason, str) and "Error building extension" in reason
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
-    assert "runs the torch reference" in caplog.records[0].getMessage()
+    assert "the torch path runs instead" in caplog.records[0].getMessage()
     monkeypatch.setattr(pa, "_built", lambda: reason)  # as if the kernel's own build had failed so
     assert pa._implementation.__wrapped__() is pa.paged_decode_attention_ref
     assert not pa.compiled_paged_attention_available()

@@ -1,0 +1,286 @@
+"""LoRA for the gathered tokens of a step on the CPU, shrink and every part's expand in one compiled call.
+
+The torch gather path (`sgmv.lora_shrink` / `lora_expand` over k-major slots) is two embedding bags per part plus
+the index tensors they need, each call a few microseconds of dispatch and a pass over its output; for a packed
+q|k|v that is seven calls per layer. Here one C++ call per packed linear does it all: tokens are grouped by slot
+(a counting pass), each group is cut into blocks of up to 8 tokens, and each block reads its slot's A rows once
+for all its tokens (h = x A^T in float32, never rounded), then each part's B rows once, adding the delta into the
+part's columns of y in place. Threads take blocks. Long runs (prefill chunks) stay on the GEMM path, which does
+them better.
+
+Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the layout `AdapterSlots` allocates);
+the functions here take those storage tensors, not the transposed views the torch kernels take.
+
+- lora_packed_gather: the compiled op on the tokens with a slot in `token_slots` (CPU tensors); its spec and test
+  oracle is `sgmv.lora_packed_ref`, on the transposed views
+- compiled_lora_available / compiled_lora_unavailable_reason: whether the op is built here (builds it on first use)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .cpp_build import build_ops
+
+_SOURCE = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TB = 8;  // tokens per block: each weight row read from memory serves up to TB tokens
+constexpr int64_t V = 16;  // floats per vector (one AVX-512 register, two AVX2 ones)
+
+// GCC/Clang vector extensions: 16 floats per value, compiled to the widest vectors -march=native offers.
+typedef float vf __attribute__((vector_size(4 * V)));
+typedef uint32_t vu __attribute__((vector_size(4 * V)));
+typedef uint16_t vh __attribute__((vector_size(2 * V)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf load(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline vf load(const c10::Half* p) {
+  float f[V];
+  for (int64_t i = 0; i < V; ++i) f[i] = static_cast<float>(p[i]);
+  return load(f);
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store(c10::BFloat16* p, vf v) {  // round to nearest even, NaN kept a quiet NaN
+  vu u;
+  std::memcpy(&u, &v, sizeof u);
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu nan = (u & 0x7fffffffu) > 0x7f800000u;  // all ones where NaN
+  const vh h = __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), vh);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void store(c10::Half* p, vf v) {
+  float f[V];
+  std::memcpy(f, &v, sizeof f);
+  for (int64_t i = 0; i < V; ++i) p[i] = c10::Half(f[i]);
+}
+
+struct Block {
+  int64_t slot, begin, end;  // tokens order[begin:end] all use `slot`
+};
+
+// out[i, c0 : c0 + NC * V] = in[i, :K] @ M[:K, c0 : c0 + NC * V] for NT rows: NT x NC accumulators stay in
+// registers, and each weight row chunk is read once, contiguously, for all NT rows.
+template <int NT, int NC, typename T>
+inline void tile(const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64_t K, int64_t c0, float* out,
+                 int64_t ld_out) {
+  vf acc[NT][NC] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    vf m[NC];
+    for (int c = 0; c < NC; ++c) m[c] = load(M + k * ld_m + c0 + c * V);
+    for (int i = 0; i < NT; ++i) {
+      const float xv = in[i * ld_in + k];
+      for (int c = 0; c < NC; ++c) acc[i][c] += xv * m[c];
+    }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int c = 0; c < NC; ++c) std::memcpy(out + i * ld_out + c0 + c * V, &acc[i][c], sizeof(vf));
+}
+
+template <int NT, typename T>
+inline void tile_nc(int nc, const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64_t K, int64_t c0,
+                    float* out, int64_t ld_out) {
+  switch (nc) {
+    case 1: return tile<NT, 1>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 2: return tile<NT, 2>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 3: return tile<NT, 3>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    default: return tile<NT, (NT < 8 ? 4 : 3)>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+  }
+}
+
+// out[i, :N] = in[i, :K] @ M[:K, :N] for i < n (float32 rows in and out, M of the slots' dtype, rows ld_m apart).
+template <typename T>
+void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t ld_m, int64_t K, int64_t N,
+                 float* out, int64_t ld_out) {
+  for (int64_t i = 0; i < n;) {
+    const int nt = n - i >= 8 ? 8 : n - i >= 4 ? 4 : n - i >= 2 ? 2 : 1;
+    const float* in_i = in + i * ld_in;
+    float* out_i = out + i * ld_out;
+    int64_t c = 0;
+    while (c + V <= N) {
+      const int nc = int(std::min<int64_t>((N - c) / V, nt == 8 ? 3 : 4));  // at most 24 accumulators
+      switch (nt) {
+        case 8: tile_nc<8>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
+        case 4: tile_nc<4>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
+        case 2: tile_nc<2>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
+        default: tile_nc<1>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
+      }
+      c += nc * V;
+    }
+    for (; c < N; ++c)  // columns past the last full vector
+      for (int r = 0; r < nt; ++r) {
+        float s = 0.0f;
+        for (int64_t k = 0; k < K; ++k) s += in_i[r * ld_in + k] * static_cast<float>(M[k * ld_m + c]);
+        out_i[r * ld_out + c] = s;
+      }
+    i += nt;
+  }
+}
+
+// dst[:n] += src[:n], rounding once into dst's dtype.
+template <typename T>
+inline void add_into(T* dst, const float* src, int64_t n) {
+  int64_t c = 0;
+  for (; c + V <= n; c += V) store(dst + c, load(dst + c) + load(src + c));
+  for (; c < n; ++c) dst[c] = T(static_cast<float>(dst[c]) + src[c]);
+}
+
+template <typename T>
+void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
+           const std::vector<at::Tensor>& Bs, const std::vector<int64_t>& cols, const std::vector<int64_t>& rows,
+           int64_t r) {
+  const int64_t T_ = x.size(0), IN = x.size(1), W = A.size(2), P = int64_t(Bs.size());
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  // Tokens grouped by slot, in token order within a slot, cut into blocks of up to TB tokens.
+  std::vector<int64_t> used;
+  for (int64_t t = 0; t < T_; ++t)
+    if (ts[t] >= 0) used.push_back(ts[t]);
+  std::sort(used.begin(), used.end());
+  used.erase(std::unique(used.begin(), used.end()), used.end());
+  std::vector<int64_t> order;
+  std::vector<Block> blocks;
+  for (int64_t s : used) {
+    const int64_t first = int64_t(order.size());
+    for (int64_t t = 0; t < T_; ++t)
+      if (ts[t] == s) order.push_back(t);
+    for (int64_t b = first; b < int64_t(order.size()); b += TB)
+      blocks.push_back({s, b, std::min<int64_t>(b + TB, int64_t(order.size()))});
+  }
+  int64_t max_out = 0;
+  for (const auto& B : Bs) max_out = std::max(max_out, B.size(2));
+  const T* xp = x.data_ptr<T>();
+  const T* ap = A.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t x_st = x.stride(0), y_st = y.stride(0);
+  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> xf(TB * IN), h(TB * W), delta(TB * max_out);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Block& blk = blocks[bi];
+      const int64_t n = blk.end - blk.begin, s = blk.slot;
+      for (int64_t i = 0; i < n; ++i) {
+        const T* xr = xp + order[blk.begin + i] * x_st;
+        for (int64_t k = 0; k < IN; ++k) xf[i * IN + k] = static_cast<float>(xr[k]);
+      }
+      // Shrink: h[i] = x[i] @ A[s] ([in] @ [in, W]), kept in float32.
+      rows_matmul(xf.data(), IN, n, ap + s * IN * W, W, IN, W, h.data(), W);
+      // Expand, per part: y[i, cols[p]:] += h[i, rows[p]:rows[p] + r] @ B_p[s] ([r] @ [r, out]).
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t out = Bs[p].size(2);
+        rows_matmul(h.data() + rows[p], W, n, Bs[p].data_ptr<T>() + s * r * out, out, r, out, delta.data(), out);
+        for (int64_t i = 0; i < n; ++i)
+          add_into(yp + order[blk.begin + i] * y_st + cols[p], delta.data() + i * out, out);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
+                        at::TensorList Bs, at::IntArrayRef cols, at::IntArrayRef rows, int64_t r) {
+  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && A.device().is_cpu() && token_slots.device().is_cpu(),
+              "the compiled LoRA gather runs on CPU tensors only");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x: float32, bfloat16 or float16");
+  TORCH_CHECK(y.scalar_type() == dt && A.scalar_type() == dt, "y, x and A must share a dtype");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0), "x [T, in] and y [T, out] expected");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
+  TORCH_CHECK(A.dim() == 3 && A.is_contiguous() && A.size(1) == x.size(1), "A must be a contiguous [S, in, W]");
+  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.scalar_type() == at::kLong &&
+                  token_slots.is_contiguous(),
+              "token_slots must be a contiguous int64 [T]");
+  TORCH_CHECK(Bs.size() == cols.size() && Bs.size() == rows.size(), "one column and one h row offset per part");
+  const int64_t S = A.size(0), W = A.size(2);
+  std::vector<at::Tensor> parts;
+  for (size_t p = 0; p < Bs.size(); ++p) {
+    const at::Tensor& B = Bs[p];
+    TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && B.size(0) == S && B.size(1) == r && B.scalar_type() == dt,
+                "each B must be a contiguous [S, r, out] of x's dtype");
+    TORCH_CHECK(rows[p] >= 0 && rows[p] + r <= W, "part ", p, ": h rows out of range");
+    TORCH_CHECK(cols[p] >= 0 && cols[p] + B.size(2) <= y.size(1), "part ", p, ": columns out of range");
+    parts.push_back(B);
+  }
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t)
+    TORCH_CHECK(ts[t] >= -1 && ts[t] < S, "token_slots[", t, "] = ", ts[t], " is out of range");
+  const std::vector<int64_t> c(cols.begin(), cols.end()), rw(rows.begin(), rows.end());
+  switch (dt) {
+    case at::kBFloat16: apply<c10::BFloat16>(y, x, token_slots, A, parts, c, rw, r); break;
+    case at::kHalf: apply<c10::Half>(y, x, token_slots, A, parts, c, rw, r); break;
+    default: apply<float>(y, x, token_slots, A, parts, c, rw, r);
+  }
+}
+
+TORCH_LIBRARY_FRAGMENT(switchboard, m) {
+  m.def("lora_packed_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor A, Tensor[] Bs, int[] cols, "
+        "int[] rows, int r) -> ()", &lora_packed_gather);
+}
+"""
+
+Part = tuple[Tensor, int, int]  # (B storage [S, r, out], first column in y, first row of h)
+
+
+def lora_packed_gather(y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, parts: Sequence[Part], r: int) -> Tensor:
+    """`sgmv.lora_packed` for the tokens with a slot, in one compiled call, in place on y (CPU tensors; raises if
+    the op is not built here).
+
+    Args:
+        y: [T, out_total] packed output, rows contiguous (a row stride is fine).
+        x: [T, in] activations, rows contiguous.
+        token_slots: [T] int64, the slot of each token this call handles, -1 for the others.
+        A: [S, in, W] contiguous stacked down-projections (W = parts x r, zero-padded ranks).
+        parts: (B [S, r, out] contiguous, column of y, row of h) per part.
+        r: the padded rank.
+    """
+    _require_built()
+    torch.ops.switchboard.lora_packed_gather(
+        y, x, token_slots, A, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], r
+    )
+    return y
+
+
+@functools.cache
+def _built() -> str | None:
+    return build_ops("lora_cpu", _SOURCE)
+
+
+def _require_built() -> None:
+    reason = _built()
+    if reason is not None:
+        raise RuntimeError(f"the compiled LoRA gather is not available: {reason}")
+
+
+def compiled_lora_available() -> bool:
+    """Whether the C++ op is built and loaded here (compiles it on the first call, a few seconds)."""
+    return _built() is None
+
+
+def compiled_lora_unavailable_reason() -> str | None:
+    return _built()

@@ -1,0 +1,100 @@
+"""LoRA on a packed linear (`lora_packed`): one shrink for every part, then each part's expand into its columns.
+
+The compiled CPU op (kernels/cpu_lora.py) and the torch fallback against the float32 reference, over popularity
+patterns, dtypes, ranks (including ones that are not a multiple of the vector width), and parts of odd widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from switchboard.kernels import build_segments, cpu_lora, sgmv
+from switchboard.kernels.backend import Backend, get_kernels
+
+# (rank, in, part widths, slots, tokens): q|k|v with GQA widths, gate|up, a lone part, odd sizes for the tails
+SHAPES = [(16, 512, (512, 128, 128), 32, 40), (8, 64, (176, 176), 4, 24), (1, 96, (40,), 2, 9), (5, 33, (7, 19), 3, 17)]
+SHAPE_IDS = [f"r{r}-in{i}-parts{'+'.join(map(str, p))}-S{s}" for r, i, p, s, _ in SHAPES]
+needs_compiled = pytest.mark.skipif(
+    not cpu_lora.compiled_lora_available(), reason=f"no C++ build here: {cpu_lora.compiled_lora_unavailable_reason()}"
+)
+
+
+def k_major(W: torch.Tensor) -> torch.Tensor:
+    return W.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _case(shape, pattern, dtype, make_slots, make_randn):
+    r, d_in, widths, S, T = shape
+    slots = make_slots(pattern, T, S)
+    T = len(slots)
+    x = make_randn(T, d_in, dtype=dtype, seed=1)
+    A = k_major(make_randn(S, len(widths) * r, d_in, dtype=dtype, scale=d_in**-0.5, seed=2))
+    parts, col = [], 0
+    for p, w in enumerate(widths):
+        B = k_major(make_randn(S, w, r, dtype=dtype, scale=r**-0.5, seed=3 + p))
+        parts.append((B, col, p * r))
+        col += w
+    y = make_randn(T, col, dtype=dtype, seed=9)
+    return slots, x, A, parts, y
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_lora_packed_matches_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
+    slots, x, A, parts, y = _case(shape, pattern, dtype, make_slots, make_randn)
+    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, build_segments(slots))
+    for min_run in (1, 8, 10**9):  # every run a matmul, the default split, every token gathered
+        seg = build_segments(slots, min_gemm_run=min_run)
+        out = y.clone()
+        assert sgmv.lora_packed(out, x, A, parts, seg) is out
+        assert_close(out, expected, f"min_gemm_run={min_run}")
+        row_major = [(B.contiguous(), c, r) for B, c, r in parts]  # not k-major: the torch fallback
+        assert_close(sgmv.lora_packed(y.clone(), x, A.contiguous(), row_major, seg), expected, "row-major")
+
+
+@needs_compiled
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_compiled_op_matches_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
+    slots, x, A, parts, y = _case(shape, pattern, dtype, make_slots, make_randn)
+    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, build_segments(slots))
+    storage = [(B.transpose(1, 2), c, r) for B, c, r in parts]
+    out = cpu_lora.lora_packed_gather(
+        y.clone(), x, torch.as_tensor(slots, dtype=torch.int64), A.transpose(1, 2), storage, shape[0]
+    )
+    assert_close(out, expected)
+
+
+@needs_compiled
+def test_compiled_op_writes_only_its_tokens_and_columns(make_randn) -> None:
+    x, A = make_randn(5, 32, dtype=torch.float32), k_major(make_randn(2, 4, 32, dtype=torch.float32))
+    B = k_major(make_randn(2, 8, 4, dtype=torch.float32))
+    wide = make_randn(5, 20, dtype=torch.float32, seed=3)
+    y = wide[:, 6:]  # a column slice with a row stride: the part lands at column 2 of the slice
+    before = wide.clone()
+    slots = torch.tensor([-1, 1, -1, 0, 1])
+    cpu_lora.lora_packed_gather(y, x, slots, A.transpose(1, 2), [(B.transpose(1, 2), 2, 0)], 4)
+    changed = (wide != before).nonzero()
+    assert changed[:, 0].unique().tolist() == [1, 3, 4]
+    assert changed[:, 1].unique().tolist() == list(range(8, 16))
+
+
+@needs_compiled
+def test_compiled_op_rejects_bad_inputs(make_randn) -> None:
+    x, A = make_randn(3, 16, dtype=torch.float32), make_randn(2, 16, 4, dtype=torch.float32)
+    B, y = make_randn(2, 4, 8, dtype=torch.float32), make_randn(3, 8, dtype=torch.float32)
+    op = cpu_lora.lora_packed_gather
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(y, x, torch.tensor([0, 2, -1]), A, [(B, 0, 0)], 4)
+    with pytest.raises(RuntimeError, match="columns out of range"):
+        op(y, x, torch.tensor([0, 1, -1]), A, [(B, 1, 0)], 4)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(y.double(), x, torch.tensor([0, 1, -1]), A, [(B, 0, 0)], 4)
+    with pytest.raises(RuntimeError, match="int64"):
+        op(y, x, torch.tensor([0, 1, -1], dtype=torch.int32), A, [(B, 0, 0)], 4)
+
+
+def test_every_backend_offers_the_packed_form(make_randn, assert_close) -> None:
+    slots, x, A, parts, y = _case(SHAPES[1], "uniform", torch.float32, lambda p, T, S: [0, 1, -1, 3] * 6, make_randn)
+    seg = build_segments(slots)
+    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, seg)
+    for backend in (Backend.REFERENCE, Backend.TORCH):
+        assert_close(get_kernels(backend).lora_packed(y.clone(), x, A, parts, seg), expected, backend.value)
