@@ -18,7 +18,8 @@ def profile_markdown(report: dict) -> str:
         "",
         f"Model {report['model']}, {report['dtype']}, {report['threads']} threads ({report['machine'] or 'cpu'}). "
         "Decode throughput of each configuration and its ratio to the base model, the median over runs each "
-        "paired with a base run just before it.",
+        "paired with a base run just before it. Requests spread round robin over a configuration's adapters, so a "
+        "batch of n uses min(n, N) of its N adapters.",
     ]
     for n, rows in report["by_batch_size"].items():
         lines += [

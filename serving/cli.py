@@ -87,7 +87,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--kv-cache-gb", type=float, default=0.1, help="per configuration; all stay loaded")
+    p.add_argument(
+        "--kv-cache-gb", type=float, default=None, help="per configuration (default: the largest batch, whole)"
+    )
     p.add_argument(
         "--no-peft-baseline",
         dest="peft_baseline",

@@ -19,7 +19,7 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from .demo_adapters import ALL_LINEAR, ATTENTION, build_adapter
 from .engine.llm_engine import LLMEngine, load_tokenizer
 from .engine.request import SamplingParams
 
+PREFIX_TOKENS = 8
 ADAPTER_FAMILIES: dict[str, PeftConfig] = {
     "lora-r8-attn": LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, init_lora_weights=False),
     "lora-r16-attn": LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, init_lora_weights=False),
@@ -41,7 +42,7 @@ ADAPTER_FAMILIES: dict[str, PeftConfig] = {
     "ia3": IA3Config(
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
     ),
-    "prefix": PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM"),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS, task_type="CAUSAL_LM"),
 }
 KIND_FAMILY = {"lora": "lora-r16-attn", "krona": "krona", "ia3": "ia3", "prefix": "prefix"}
 
@@ -242,6 +243,11 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
         first = build_adapter(model_dir, ADAPTER_FAMILIES[family], work / family, seed)
         families[family] = seeded_copies(first, work, args.num_adapters, seed)
 
+    # Without --kv-cache-gb, each engine's pool holds the largest batch whole (prefix tokens included), so that no
+    # run is slowed by preemption, and no more: every engine stays loaded.
+    block_size = next(f.default for f in fields(ServeConfig) if f.name == "block_size")
+    kv_blocks = max(sizes) * -(-(args.prompt_len + args.max_tokens + PREFIX_TOKENS) // block_size) + 4
+
     def engine(adapters: dict[str, Path], merge: str | None = None) -> LLMEngine:
         cfg = ServeConfig(
             model=model_dir,
@@ -250,7 +256,8 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
             adapters=adapters,
             merge_adapter=merge,
             max_resident_adapters=max(32, args.num_adapters),
-            kv_cache_gb=args.kv_cache_gb,
+            kv_cache_gb=args.kv_cache_gb or 1.0,
+            num_kv_blocks=None if args.kv_cache_gb else kv_blocks,
         )
         return LLMEngine(cfg)
 
@@ -270,8 +277,9 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
         _print_table(by_size[n], workload, args, model_dir)
     largest = max(sizes)
     memory = {
-        name: memory_bytes(eng, list(adapters.values()), largest, args.prompt_len + args.max_tokens)
-        for (name, _, adapters, _), eng in zip(configs, engines, strict=True)
+        # a merged adapter lives inside the base weights: it holds no adapter memory of its own
+        name: memory_bytes(eng, [] if merge else list(adapters.values()), largest, args.prompt_len + args.max_tokens)
+        for (name, _, adapters, merge), eng in zip(configs, engines, strict=True)
     }
     results = by_size[largest]
     workload = f"{largest} concurrent requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"
