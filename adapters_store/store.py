@@ -97,6 +97,28 @@ class AdapterInfo:
     num_parameters: int
 
 
+class StagedFile:
+    """One file being written into a staging directory, hashed as it goes; `close` fsyncs it."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        self._digest.update(chunk)
+        self.size += len(chunk)
+
+    def close(self) -> str:
+        """Flush and fsync; the sha256 of what was written."""
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        return self._digest.hexdigest()
+
+
 class Staging:
     """A directory under `tmp/` receiving one upload's two files; hashes them as they are written."""
 
@@ -105,21 +127,27 @@ class Staging:
         self._digests: dict[str, str] = {}
         self.size_bytes = 0
 
-    def write(self, name: str, chunks: Iterator[bytes]) -> int:
-        """Write file `name` from `chunks`, fsync it; its size."""
+    def begin(self, name: str) -> StagedFile:
         if name not in (CONFIG_FILE, WEIGHTS_FILE):
             raise ValueError(f"unexpected file {name!r}")
-        digest, size = hashlib.sha256(), 0
-        with open(self.path / name, "wb") as f:
+        return StagedFile(self.path / name)
+
+    def finish(self, name: str, file: StagedFile) -> None:
+        self._digests[name] = file.close()
+        self.size_bytes += file.size
+
+    def write(self, name: str, chunks: Iterator[bytes]) -> int:
+        """Write file `name` from `chunks`, fsync it; its size."""
+        file = self.begin(name)
+        try:
             for chunk in chunks:
-                f.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        self._digests[name] = digest.hexdigest()
-        self.size_bytes += size
-        return size
+                file.write(chunk)
+        finally:
+            self.finish(name, file)
+        return file.size
+
+    def has(self, name: str) -> bool:
+        return name in self._digests
 
     def copy_from(self, source: Path) -> None:
         """Copy a PEFT directory's two files (used by `load_lora_adapter`)."""

@@ -13,10 +13,9 @@ Methods that touch the disk are synchronous; the routes run them in worker threa
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from switchboard.adapters_store.kinds import (
     Adapter,
@@ -28,7 +27,6 @@ from switchboard.adapters_store.kinds import (
 )
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from switchboard.adapters_store.store import (
-    CHUNK,
     AdapterInfo,
     AdapterStore,
     Staging,
@@ -144,12 +142,15 @@ class AdapterRegistry:
         self,
         tenant: Tenant,
         adapter_id: str,
-        files: Mapping[str, BinaryIO],
+        staging: Staging,
+        files: list[str],
         *,
         overwrite: bool = False,
         public: bool = False,
     ) -> StoredAdapter:
-        """Validate and commit one upload (`files`: name -> readable file); the store is unchanged on any error."""
+        """Validate and commit an upload streamed into `staging` (`files`: the names of every file part sent).
+
+        The store is unchanged on any error (the caller's staging context removes the staged files)."""
         self._check_id(adapter_id)
         if public and not tenant.admin:
             raise forbidden("Only an admin key can publish an adapter to every tenant (public=true).")
@@ -161,12 +162,9 @@ class AdapterRegistry:
                     )
                 raise bad_request(f"Unexpected file `{name}`: upload {CONFIG_FILE} and {WEIGHTS_FILE}.", param=name)
         for name in UPLOAD_FILES:
-            if name not in files:
+            if not staging.has(name):
                 raise unprocessable(AdapterError("missing from the upload", name))
-        with self.store.staging() as staging:
-            for name in UPLOAD_FILES:
-                staging.write(name, _chunks(files[name]))
-            return self._commit(tenant, adapter_id, staging, overwrite=overwrite, public=public)
+        return self._commit(tenant, adapter_id, staging, overwrite=overwrite, public=public)
 
     def import_dir(self, tenant: Tenant, adapter_id: str, path: str) -> StoredAdapter:
         """`load_lora_adapter`: copy a PEFT directory under `--import-dir` into the store as a new adapter."""
@@ -266,9 +264,3 @@ class AdapterRegistry:
                     f"--max-virtual-tokens {c.max_virtual_tokens}"
                 )
             )
-
-
-def _chunks(file: BinaryIO) -> Iterator[bytes]:
-    file.seek(0)
-    while chunk := file.read(CHUNK):
-        yield chunk

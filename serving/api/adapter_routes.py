@@ -1,27 +1,23 @@
 """Adapter routes: upload, list, get, delete (`/v1/adapters`), and vLLM's `load_lora_adapter`/`unload_lora_adapter`.
 
-Uploads are multipart bodies read as a stream: a `Content-Length` over the limit is refused before reading, and a
-body that grows past it while streaming is cut off there (413). Parsing, validation and the commit to disk run in a
-worker thread (`AdapterRegistry.upload`), never on the event loop or the step thread.
+Uploads stream into a staging directory of the store (`upload_body`), cut off at the size limit (413); validation
+and the commit run in a worker thread (`AdapterRegistry.upload`), never on the event loop or the step thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.auth import Tenant
-from switchboard.serving.api.errors import ApiError, bad_request
-
-FORM_OVERHEAD = 64 * 1024  # boundaries, part headers and the adapter_id field, on top of the files themselves
+from switchboard.serving.api.errors import bad_request
+from switchboard.serving.api.upload_body import read_upload
 
 
 class LoadLoraRequest(BaseModel):
@@ -35,51 +31,6 @@ class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     lora_name: str
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        f"The upload is larger than this server's limit of {limit} bytes (--max-adapter-bytes).",
-        code="upload_too_large",
-    )
-
-
-async def read_upload(request: Request, max_bytes: int) -> FormData:
-    """The multipart form, with the size limit enforced from the header and while streaming."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise bad_request(
-            "Upload adapters as multipart/form-data: adapter_id, adapter_config.json, adapter_model.safetensors."
-        )
-    limit = max_bytes + FORM_OVERHEAD
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large(max_bytes)
-
-    async def limited() -> AsyncIterator[bytes]:
-        seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > limit:
-                raise _TooLarge
-            yield chunk
-
-    parser = MultiPartParser(request.headers, limited(), max_files=4, max_fields=8)
-    try:
-        form = await parser.parse()
-    except _TooLarge:
-        raise too_large(max_bytes) from None
-    except MultiPartException as exc:
-        raise bad_request(f"Malformed multipart body: {exc.message}") from exc
-    files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    if sum(f.size or 0 for f in files) > max_bytes:
-        await form.close()
-        raise too_large(max_bytes)
-    return form
 
 
 def _flag(value: str | None) -> bool:
@@ -98,29 +49,21 @@ def adapter_router(
         tenant = authenticate(request)
         """Form fields `adapter_id` (and optionally `public`), files adapter_config.json, adapter_model.safetensors;
         query `overwrite=true` makes a new version of an existing id, `public=true` (admin) shares it."""
-        form = await read_upload(request, max_adapter_bytes)
-        try:
-            adapter_id = form.get("adapter_id")
-            if not isinstance(adapter_id, str):
+        with registry.store.staging() as staging:
+            form = await read_upload(request, staging, max_adapter_bytes)
+            adapter_id = form.fields.get("adapter_id")
+            if adapter_id is None:
                 raise bad_request("The form field `adapter_id` is required.", param="adapter_id")
-            files: dict[str, Any] = {}
-            for field, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    files[field if field != "file" else (value.filename or field)] = value.file
-            public_field = form.get("public")
-            public = _flag(request.query_params.get("public")) or (
-                isinstance(public_field, str) and _flag(public_field)
-            )
+            public = _flag(request.query_params.get("public")) or _flag(form.fields.get("public"))
             entry = await asyncio.to_thread(
                 registry.upload,
                 tenant,
                 adapter_id,
-                files,
+                staging,
+                form.files,
                 overwrite=_flag(request.query_params.get("overwrite")),
                 public=public,
             )
-        finally:
-            await form.close()
         return JSONResponse({"object": "adapter", **entry.to_json()}, status_code=201)
 
     @router.get("/v1/adapters")
