@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from switchboard.serving.store_cli import add_store_args, add_upload_parser, store_settings
 from switchboard.training.cli import add_train_parser
 
 DEMO_DIR = Path(".cache/demo-model")
@@ -47,6 +48,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--merge-adapter", default=None, metavar="NAME", help="fold this LoRA/KronA/(IA)3 adapter into the weights"
     )
     p.add_argument("--max-resident-adapters", type=int, default=32, help="device slots per adapter kind")
+    add_store_args(p)
     p.add_argument("--log-level", default="info")
 
 
@@ -157,6 +159,7 @@ def _serve(args: argparse.Namespace) -> None:
         adapters=parse_adapters(args.adapter),
         merge_adapter=args.merge_adapter,
         max_resident_adapters=args.max_resident_adapters,
+        **store_settings(args),
     )
     if config.quantize != "none":
         raise SystemExit("--quantize nf4 is not available yet")
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_demo_adapters(sub)
     _add_bench(sub)
     _add_profile(sub)
+    add_upload_parser(sub)
     add_train_parser(sub)
     _add_loadtest(sub)
     args = parser.parse_args(argv)
@@ -190,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "upload":
+            from .store_cli import run_upload
+
+            raise SystemExit(run_upload(args))
         elif args.command == "demo-model":
             from .demo import build_demo_model, ensure_demo_model
 
