@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 
-from switchboard.loadtest.config import LengthSpec, LoadTestConfig, Popularity
+from switchboard.loadtest.config import Endpoint, LengthSpec, LoadTestConfig, Popularity, PromptFormat
 from switchboard.loadtest.main import run
 from switchboard.loadtest.report import SCHEMA_PATH
 
@@ -179,3 +179,24 @@ def test_uploaded_adapters_take_the_load(server_url: str, tiny_model_dir: Path, 
     assert results["summary"]["completed"] == 9 and {r["adapter"] for r in results["requests"]} == set(ids)
     listed = {c["id"] for c in httpx.get(f"{server_url}/v1/models").json()["data"]}
     assert set(ids) <= listed
+
+
+def test_chat_endpoint_with_text_prompts(server_url: str, tmp_path: Path) -> None:
+    cfg = LoadTestConfig(
+        url=server_url,
+        out=tmp_path,
+        concurrency=2,
+        num_requests=6,
+        adapters=["lora", "prefix"],
+        endpoint=Endpoint.CHAT,
+        prompt_format=PromptFormat.TEXT,
+        prompt_len=LengthSpec(4, 12),
+        output_len=LengthSpec(6, 6),
+        progress=False,
+    )
+    results = run(cfg)
+    _check_report(tmp_path)
+    assert results["summary"]["completed"] == 6
+    for r in results["requests"]:
+        assert r["completion_tokens"] == 6 and r["prompt_tokens"] > r["prompt_len"]  # words + the chat template
+        assert r["num_chunks"] >= 1 and r["ttft_ms"] > 0
