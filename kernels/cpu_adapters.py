@@ -1,6 +1,6 @@
-"""LoRA for the gathered tokens of a step on the CPU, shrink and every part's expand in one compiled call.
+"""Compiled CPU ops for the gathered (decode) tokens of a step: LoRA on a packed linear, and KronA on one part.
 
-The torch gather path (`sgmv.lora_shrink` / `lora_expand` over k-major slots) is two embedding bags per part plus
+LoRA. The torch gather path (`sgmv.lora_shrink` / `lora_expand` over k-major slots) is two embedding bags per part plus
 the index tensors they need, each call a few microseconds of dispatch and a pass over its output; for a packed
 q|k|v that is seven calls per layer. Here one C++ call per packed linear does it all: tokens are grouped by slot
 (a counting pass), each group is cut into blocks of up to 8 tokens, and each block reads its slot's A rows once
@@ -11,9 +11,15 @@ them better.
 Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the layout `AdapterSlots` allocates);
 the functions here take those storage tensors, not the transposed views the torch kernels take.
 
-- lora_packed_gather: the compiled op on the tokens with a slot in `token_slots` (CPU tensors); its spec and test
-  oracle is `sgmv.lora_packed_ref`, on the transposed views
-- compiled_lora_available / compiled_lora_unavailable_reason: whether the op is built here (builds it on first use)
+KronA. The torch path groups tokens by slot into a padded batch for two bmm's, with permutes between them: about
+eight small ops per projection for a few thousand multiply-adds per token. The C++ op does each token in one pass:
+X = x[t] as [i1, i2], Z = X W2^T, y[t] += (W1 Z).flatten(), in float32.
+
+- lora_packed_gather: LoRA on the tokens with a slot in `token_slots` (CPU tensors); its spec and test oracle is
+  `sgmv.lora_packed_ref`, on the transposed views
+- kron_gather: KronA on the tokens with a slot in `token_slots`; spec and oracle `kron.kron_apply_ref`
+- compiled_adapters_available / compiled_adapters_unavailable_reason: whether the ops are built here (builds them on
+  first use)
 """
 
 from __future__ import annotations
@@ -201,6 +207,47 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
   });
 }
 
+template <typename T>
+void kron_apply_tokens(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& W1,
+                       const at::Tensor& W2) {
+  const int64_t T_ = x.size(0), o1 = W1.size(1), i1 = W1.size(2), o2 = W2.size(1), i2 = W2.size(2);
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  const T* xp = x.data_ptr<T>();
+  const T* w1p = W1.data_ptr<T>();
+  const T* w2p = W2.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t x_st = x.stride(0), y_st = y.stride(0);
+  at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> X(i1 * i2), w1(o1 * i1), w2(o2 * i2), Z(i1 * o2), Y(o1 * o2);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = ts[t];
+      if (s < 0) continue;
+      for (int64_t k = 0; k < i1 * i2; ++k) X[k] = static_cast<float>(xp[t * x_st + k]);
+      for (int64_t k = 0; k < o1 * i1; ++k) w1[k] = static_cast<float>(w1p[s * o1 * i1 + k]);
+      for (int64_t k = 0; k < o2 * i2; ++k) w2[k] = static_cast<float>(w2p[s * o2 * i2 + k]);
+      // Z[a, c] = X[a, :] . W2[c, :]
+      for (int64_t a = 0; a < i1; ++a)
+        for (int64_t c = 0; c < o2; ++c) {
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t b = 0; b < i2; ++b) acc += X[a * i2 + b] * w2[c * i2 + b];
+          Z[a * o2 + c] = acc;
+        }
+      // Y[p, :] = sum_a W1[p, a] Z[a, :]
+      std::fill(Y.begin(), Y.end(), 0.0f);
+      for (int64_t p = 0; p < o1; ++p)
+        for (int64_t a = 0; a < i1; ++a) {
+          const float w = w1[p * i1 + a];
+          float* yr = Y.data() + p * o2;
+          const float* zr = Z.data() + a * o2;
+#pragma omp simd
+          for (int64_t c = 0; c < o2; ++c) yr[c] += w * zr[c];
+        }
+      add_into(yp + t * y_st, Y.data(), o1 * o2);
+    }
+  });
+}
+
 }  // namespace
 
 void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
@@ -238,9 +285,38 @@ void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& tok
   }
 }
 
+void kron_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& W1,
+                 const at::Tensor& W2) {
+  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && W1.device().is_cpu() && W2.device().is_cpu() &&
+                  token_slots.device().is_cpu(),
+              "the compiled KronA gather runs on CPU tensors only");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x: float32, bfloat16 or float16");
+  TORCH_CHECK(y.scalar_type() == dt && W1.scalar_type() == dt && W2.scalar_type() == dt,
+              "y, x, W1 and W2 must share a dtype");
+  TORCH_CHECK(W1.dim() == 3 && W2.dim() == 3 && W1.is_contiguous() && W2.is_contiguous() && W1.size(0) == W2.size(0),
+              "W1 [S, o1, i1] and W2 [S, o2, i2] must be contiguous");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0) && x.stride(1) == 1 && y.stride(1) == 1,
+              "x [T, in] and y [T, out] with contiguous rows expected");
+  TORCH_CHECK(x.size(1) == W1.size(2) * W2.size(2) && y.size(1) == W1.size(1) * W2.size(1),
+              "x must have i1 * i2 columns and y o1 * o2");
+  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.scalar_type() == at::kLong &&
+                  token_slots.is_contiguous(),
+              "token_slots must be a contiguous int64 [T]");
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t)
+    TORCH_CHECK(ts[t] >= -1 && ts[t] < W1.size(0), "token_slots[", t, "] = ", ts[t], " is out of range");
+  switch (dt) {
+    case at::kBFloat16: kron_apply_tokens<c10::BFloat16>(y, x, token_slots, W1, W2); break;
+    case at::kHalf: kron_apply_tokens<c10::Half>(y, x, token_slots, W1, W2); break;
+    default: kron_apply_tokens<float>(y, x, token_slots, W1, W2);
+  }
+}
+
 TORCH_LIBRARY_FRAGMENT(switchboard, m) {
   m.def("lora_packed_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor A, Tensor[] Bs, int[] cols, "
         "int[] rows, int r) -> ()", &lora_packed_gather);
+  m.def("kron_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor W1, Tensor W2) -> ()", &kron_gather);
 }
 """
 
@@ -266,21 +342,35 @@ def lora_packed_gather(y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, par
     return y
 
 
+def kron_gather(y: Tensor, x: Tensor, token_slots: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
+    """`kron.kron_apply` for the tokens with a slot, in one compiled call, in place on y (CPU tensors).
+
+    Args:
+        y: [T, o1 * o2] output, rows contiguous (a column slice of a packed output is fine).
+        x: [T, i1 * i2] activations, rows contiguous.
+        token_slots: [T] int64, the slot of each token this call handles, -1 for the others.
+        W1: [S, o1, i1] contiguous stacked first factors (scale folded in); W2: [S, o2, i2] second factors.
+    """
+    _require_built()
+    torch.ops.switchboard.kron_gather(y, x, token_slots, W1, W2)
+    return y
+
+
 @functools.cache
 def _built() -> str | None:
-    return build_ops("lora_cpu", _SOURCE)
+    return build_ops("cpu_adapters", _SOURCE)
 
 
 def _require_built() -> None:
     reason = _built()
     if reason is not None:
-        raise RuntimeError(f"the compiled LoRA gather is not available: {reason}")
+        raise RuntimeError(f"the compiled adapter ops are not available: {reason}")
 
 
-def compiled_lora_available() -> bool:
-    """Whether the C++ op is built and loaded here (compiles it on the first call, a few seconds)."""
+def compiled_adapters_available() -> bool:
+    """Whether the C++ ops are built and loaded here (compiles them on the first call, a few seconds)."""
     return _built() is None
 
 
-def compiled_lora_unavailable_reason() -> str | None:
+def compiled_adapters_unavailable_reason() -> str | None:
     return _built()

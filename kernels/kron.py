@@ -9,7 +9,8 @@ column form):
 Tokens sharing a slot are done at once with two batched matmuls, in whichever order costs fewer multiply-adds
 (W2 first: n*i1*o2*(i2 + o1), W1 first: n*o1*i2*(i1 + o2)); activations are permuted between them, weights never
 copied per token. Long runs get one such product each; the other tokens are grouped by slot into a padded
-[U, width] batch over the U distinct slots (copying those slots' factors unless they are exactly 0..U-1).
+[U, width] batch over the U distinct slots (copying those slots' factors unless they are exactly 0..U-1), or, on
+CPU tensors, go to the compiled op (`cpu_adapters.kron_gather`: one call, one pass per token, no padding).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_adapters
 from .segments import NO_SLOT, Gather, Segments
 
 
@@ -74,7 +76,9 @@ def kron_apply(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> T
         y.
     """
     g = seg.gather
-    if g.covers_all and g.num_tokens:
+    if g.num_tokens and _compiled_applies(y, x, W1, W2):
+        cpu_adapters.kron_gather(y, x, g.token_slots, W1, W2)
+    elif g.covers_all and g.num_tokens:
         y.add_(_kron_gathered(x, W1, W2, g))
     elif g.num_tokens:
         y.index_add_(0, g.rows, _kron_gathered(x.index_select(0, g.rows), W1, W2, g))
@@ -83,3 +87,14 @@ def kron_apply(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> T
         X = x[start:end].reshape(1, end - start, i1, i2)
         y[start:end] += _kron_grouped(X, W1[slot : slot + 1], W2[slot : slot + 1])[0]
     return y
+
+
+def _compiled_applies(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.stride(1) == 1
+        and y.stride(1) == 1
+        and W1.is_contiguous()
+        and W2.is_contiguous()
+        and cpu_adapters.compiled_adapters_available()
+    )

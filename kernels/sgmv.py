@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_lora
+from . import cpu_adapters
 from .segments import NO_SLOT, Gather, Segments
 
 
@@ -194,7 +194,7 @@ def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], se
                 for B, col, row in parts:
                     y[t, col : col + out] += B[s] @ h[row : row + r]
 
-    On CPU tensors with k-major slots the gathered tokens go to the compiled op (`cpu_lora`: one call for the
+    On CPU tensors with k-major slots the gathered tokens go to the compiled op (`cpu_adapters`: one call for the
     shrink and every expand); elsewhere, or where it cannot be built, to `lora_shrink` and `lora_expand`. Long runs
     take one matmul per run and part on the slot's weights in place.
 
@@ -212,7 +212,7 @@ def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], se
         if _compiled_applies(y, x, A, parts):
             r = parts[0][0].shape[2]
             storage = [(B.transpose(1, 2), col, row) for B, col, row in parts]
-            cpu_lora.lora_packed_gather(y, x, g.token_slots, A.transpose(1, 2), storage, r)
+            cpu_adapters.lora_packed_gather(y, x, g.token_slots, A.transpose(1, 2), storage, r)
         else:
             h = lora_shrink(x, A, _gather_only(seg))
             for B, col, row in parts:
@@ -231,7 +231,7 @@ def _compiled_applies(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPar
         and y.stride(1) == 1
         and is_k_major(A)
         and all(is_k_major(B) for B, _, _ in parts)
-        and cpu_lora.compiled_lora_available()
+        and cpu_adapters.compiled_adapters_available()
     )
 
 

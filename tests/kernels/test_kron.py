@@ -5,13 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import build_segments, kron_apply, kron_apply_ref
+from switchboard.kernels import build_segments, cpu_adapters, kron_apply, kron_apply_ref
 
 # (o1, i1, o2, i2, slots, tokens): in = i1*i2, out = o1*o2; square and non-square factors, both contraction orders
 SHAPES = [(2, 4, 32, 16, 1, 16), (8, 8, 64, 64, 4, 24), (4, 8, 344, 172, 32, 40), (16, 2, 4, 32, 4, 20)]
 SHAPE_IDS = [f"W1_{o1}x{i1}-W2_{o2}x{i2}-S{s}" for o1, i1, o2, i2, s, _ in SHAPES]
 # The torch path's forms: every adapted run its own product, the default split, every token gathered.
 MIN_GEMM_RUNS = {"runs": 1, "auto": 8, "gather": 10**9}
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def gather_path(request, monkeypatch) -> str:
+    """Gathered tokens through the compiled CPU op (where it builds) or through the torch padded-bmm form."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_adapters, "compiled_adapters_available", lambda: False)
+    elif not cpu_adapters.compiled_adapters_available():
+        pytest.skip(f"no C++ build here: {cpu_adapters.compiled_adapters_unavailable_reason()}")
+    return request.param
 
 
 @pytest.mark.parametrize(("o1", "i1", "o2", "i2"), [(3, 5, 4, 2), (2, 7, 6, 3), (4, 4, 4, 4)])
@@ -29,7 +39,7 @@ def test_kronecker_vector_identity(o1: int, i1: int, o2: int, i2: int) -> None:
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_kron_apply_matches_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
+def test_kron_apply_matches_reference(shape, pattern, dtype, gather_path, make_slots, make_randn, assert_close) -> None:
     o1, i1, o2, i2, S, T = shape
     slots = make_slots(pattern, T, S)
     T = len(slots)
@@ -46,7 +56,7 @@ def test_kron_apply_matches_reference(shape, pattern, dtype, make_slots, make_ra
 
 @pytest.mark.parametrize("slots", [[0, 1, -1, 1], [1, 1, 1, -1, 0, 0]], ids=["decode", "prefill"])
 @pytest.mark.parametrize("min_run", [1, 100])
-def test_output_may_be_a_column_slice_of_a_packed_output(slots, min_run, make_randn, assert_close) -> None:
+def test_output_may_be_a_column_slice_of_a_packed_output(slots, min_run, gather_path, make_randn, assert_close) -> None:
     seg = build_segments(slots, min_gemm_run=min_run)
     T = len(slots)
     x = make_randn(T, 64, dtype=torch.float32)

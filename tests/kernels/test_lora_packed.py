@@ -1,6 +1,6 @@
 """LoRA on a packed linear (`lora_packed`): one shrink for every part, then each part's expand into its columns.
 
-The compiled CPU op (kernels/cpu_lora.py) and the torch fallback against the float32 reference, over popularity
+The compiled CPU op (kernels/cpu_adapters.py) and the torch fallback against the float32 reference, over popularity
 patterns, dtypes, ranks (including ones that are not a multiple of the vector width), and parts of odd widths."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import build_segments, cpu_lora, sgmv
+from switchboard.kernels import build_segments, cpu_adapters, sgmv
 from switchboard.kernels.backend import Backend, get_kernels
 
 # (rank, in, part widths, slots, tokens): q|k|v with GQA widths, gate|up, a lone part, odd sizes for the tails
 SHAPES = [(16, 512, (512, 128, 128), 32, 40), (8, 64, (176, 176), 4, 24), (1, 96, (40,), 2, 9), (5, 33, (7, 19), 3, 17)]
 SHAPE_IDS = [f"r{r}-in{i}-parts{'+'.join(map(str, p))}-S{s}" for r, i, p, s, _ in SHAPES]
 needs_compiled = pytest.mark.skipif(
-    not cpu_lora.compiled_lora_available(), reason=f"no C++ build here: {cpu_lora.compiled_lora_unavailable_reason()}"
+    not cpu_adapters.compiled_adapters_available(),
+    reason=f"no C++ build here: {cpu_adapters.compiled_adapters_unavailable_reason()}",
 )
 
 
@@ -57,7 +58,7 @@ def test_compiled_op_matches_reference(shape, pattern, dtype, make_slots, make_r
     slots, x, A, parts, y = _case(shape, pattern, dtype, make_slots, make_randn)
     expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, build_segments(slots))
     storage = [(B.transpose(1, 2), c, r) for B, c, r in parts]
-    out = cpu_lora.lora_packed_gather(
+    out = cpu_adapters.lora_packed_gather(
         y.clone(), x, torch.as_tensor(slots, dtype=torch.int64), A.transpose(1, 2), storage, shape[0]
     )
     assert_close(out, expected)
@@ -71,7 +72,7 @@ def test_compiled_op_writes_only_its_tokens_and_columns(make_randn) -> None:
     y = wide[:, 6:]  # a column slice with a row stride: the part lands at column 2 of the slice
     before = wide.clone()
     slots = torch.tensor([-1, 1, -1, 0, 1])
-    cpu_lora.lora_packed_gather(y, x, slots, A.transpose(1, 2), [(B.transpose(1, 2), 2, 0)], 4)
+    cpu_adapters.lora_packed_gather(y, x, slots, A.transpose(1, 2), [(B.transpose(1, 2), 2, 0)], 4)
     changed = (wide != before).nonzero()
     assert changed[:, 0].unique().tolist() == [1, 3, 4]
     assert changed[:, 1].unique().tolist() == list(range(8, 16))
@@ -81,7 +82,7 @@ def test_compiled_op_writes_only_its_tokens_and_columns(make_randn) -> None:
 def test_compiled_op_rejects_bad_inputs(make_randn) -> None:
     x, A = make_randn(3, 16, dtype=torch.float32), make_randn(2, 16, 4, dtype=torch.float32)
     B, y = make_randn(2, 4, 8, dtype=torch.float32), make_randn(3, 8, dtype=torch.float32)
-    op = cpu_lora.lora_packed_gather
+    op = cpu_adapters.lora_packed_gather
     with pytest.raises(RuntimeError, match="out of range"):
         op(y, x, torch.tensor([0, 2, -1]), A, [(B, 0, 0)], 4)
     with pytest.raises(RuntimeError, match="columns out of range"):
