@@ -17,7 +17,9 @@ from .runner import discover, run_load
 from .stats import summarize
 
 
-def _one(url: str, n: int, prompt_len: int, max_tokens: int, repeats: int, adapters: list[str | None], base: str):
+def _one(
+    url: str, n: int, prompt_len: int, max_tokens: int, repeats: int, adapters: list[str | None], base: str | None
+) -> dict[str, float | int | None]:
     cfg = LoadTestConfig(
         url=url,
         out=Path(tempfile.gettempdir()),
