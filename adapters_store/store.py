@@ -183,6 +183,7 @@ class AdapterStore:
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._deferred = False
         self._entries: dict[tuple[str, str], StoredAdapter] = self._read_manifest()
         self._clean()
 
@@ -228,6 +229,20 @@ class AdapterStore:
         return sum(seen.values())
 
     # ---- writing ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Write the manifest once at the end instead of after every commit (bulk imports of many adapters).
+
+        A crash inside the batch loses all of it, never part of it: its blobs are unreferenced until that one write.
+        """
+        self._deferred = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferred = False
+                self._write_manifest(self._entries)
+
     @contextlib.contextmanager
     def staging(self) -> Iterator[Staging]:
         """A fresh staging directory, removed on exit whatever happened (commit moves its content out first)."""
@@ -326,13 +341,15 @@ class AdapterStore:
             shutil.rmtree(self.blobs / sha, ignore_errors=True)
 
     def _write_manifest(self, entries: dict[tuple[str, str], StoredAdapter]) -> None:
+        if self._deferred:
+            return
         body = {
             "format": MANIFEST_FORMAT,
             "adapters": [e.to_json() for e in sorted(entries.values(), key=lambda e: (e.owner, e.id))],
         }
         tmp = self.root / f".{MANIFEST}.{uuid.uuid4().hex}"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, indent=1)
+            json.dump(body, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / MANIFEST)
