@@ -200,3 +200,27 @@ def test_chat_endpoint_with_text_prompts(server_url: str, tmp_path: Path) -> Non
     for r in results["requests"]:
         assert r["completion_tokens"] == 6 and r["prompt_tokens"] > r["prompt_len"]  # words + the chat template
         assert r["num_chunks"] >= 1 and r["ttft_ms"] > 0
+
+
+def test_compare_runs_side_by_side(server_url: str, tmp_path: Path) -> None:
+    dirs = []
+    for i, adapter in enumerate(("lora", "ia3", "ia3")):
+        dirs.append(tmp_path / f"run{i}")
+        run(
+            LoadTestConfig(
+                url=server_url,
+                out=dirs[-1],
+                concurrency=2,
+                num_requests=4,
+                adapters=[adapter],
+                prompt_len=LengthSpec(8, 8),
+                output_len=LengthSpec(4, 4),
+                progress=False,
+            )
+        )
+    from switchboard.loadtest.compare import main as compare
+
+    compare([f"lora={dirs[0]}", f"ia3={dirs[1]}", f"ia3={dirs[2]}", "--out", str(tmp_path / "cmp")])
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| lora | 1 |" in md and "| ia3 | 2 |" in md and "lora / ia3:" in md
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
