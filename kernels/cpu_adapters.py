@@ -218,20 +218,27 @@ void kron_apply_tokens(at::Tensor& y, const at::Tensor& x, const at::Tensor& tok
   T* yp = y.data_ptr<T>();
   const int64_t x_st = x.stride(0), y_st = y.stride(0);
   at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> X(i1 * i2), w1(o1 * i1), w2(o2 * i2), Z(i1 * o2), Y(o1 * o2);
+    std::vector<float> X(i1 * i2), w1(o1 * i1), w2t(i2 * o2), Z(i1 * o2), Y(o1 * o2);
+    int64_t loaded = -1;  // the slot whose factors w1 and w2t hold
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t s = ts[t];
       if (s < 0) continue;
       for (int64_t k = 0; k < i1 * i2; ++k) X[k] = static_cast<float>(xp[t * x_st + k]);
-      for (int64_t k = 0; k < o1 * i1; ++k) w1[k] = static_cast<float>(w1p[s * o1 * i1 + k]);
-      for (int64_t k = 0; k < o2 * i2; ++k) w2[k] = static_cast<float>(w2p[s * o2 * i2 + k]);
-      // Z[a, c] = X[a, :] . W2[c, :]
+      if (s != loaded) {
+        for (int64_t k = 0; k < o1 * i1; ++k) w1[k] = static_cast<float>(w1p[s * o1 * i1 + k]);
+        for (int64_t c = 0; c < o2; ++c)  // W2 transposed, so that both products run along contiguous rows
+          for (int64_t b = 0; b < i2; ++b) w2t[b * o2 + c] = static_cast<float>(w2p[(s * o2 + c) * i2 + b]);
+        loaded = s;
+      }
+      // Z[a, :] = sum_b X[a, b] W2^T[b, :]
+      std::fill(Z.begin(), Z.end(), 0.0f);
       for (int64_t a = 0; a < i1; ++a)
-        for (int64_t c = 0; c < o2; ++c) {
-          float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t b = 0; b < i2; ++b) acc += X[a * i2 + b] * w2[c * i2 + b];
-          Z[a * o2 + c] = acc;
+        for (int64_t b = 0; b < i2; ++b) {
+          const float xv = X[a * i2 + b];
+          float* zr = Z.data() + a * o2;
+          const float* wr = w2t.data() + b * o2;
+#pragma omp simd
+          for (int64_t c = 0; c < o2; ++c) zr[c] += xv * wr[c];
         }
       // Y[p, :] = sum_a W1[p, a] Z[a, :]
       std::fill(Y.begin(), Y.end(), 0.0f);
