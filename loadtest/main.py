@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from pathlib import Path
 
 from .config import Endpoint, LengthSpec, LoadTestConfig, Popularity, PromptFormat
@@ -88,8 +87,6 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
 def run(cfg: LoadTestConfig) -> dict:
     """Upload (if asked), discover, run the load, write results.json, summary.md and the PNGs."""
     import httpx  # imported here: `switchboard --help` should not pay for matplotlib and torch
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the report
 
     from .plots import write_plots
     from .report import build_results, write_report

@@ -7,6 +7,7 @@ flight (each bounded by --request-timeout), so every request sent is either comp
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -78,6 +79,7 @@ async def _warm_up(
 
 
 async def run_load(cfg: LoadTestConfig, adapters: list[str | None], base_model: str | None) -> list[RequestRecord]:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the output
     plans = plan_requests(cfg, adapters)
     records: list[RequestRecord] = []
     limits = httpx.Limits(max_connections=cfg.concurrency or 1000, max_keepalive_connections=cfg.concurrency or 100)
