@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
-    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may wait for the next byte")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-requests", type=int, default=0, help="sent first and not recorded")
     p.add_argument("--no-progress", dest="progress", action="store_false")
