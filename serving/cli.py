@@ -7,7 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from switchboard.serving.store_cli import add_store_args, add_upload_parser, store_settings
+from switchboard.serving.store_cli import (
+    add_bench_adapters_parser,
+    add_store_args,
+    add_upload_parser,
+    store_settings,
+)
 from switchboard.training.cli import add_train_parser
 
 DEMO_DIR = Path(".cache/demo-model")
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_bench(sub)
     _add_profile(sub)
     add_upload_parser(sub)
+    add_bench_adapters_parser(sub)
     add_train_parser(sub)
     _add_loadtest(sub)
     args = parser.parse_args(argv)
@@ -194,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "bench-adapters":
+            from .bench_adapters import run_bench_adapters
+
+            run_bench_adapters(args, model_dir(args.model))
         elif args.command == "upload":
             from .store_cli import run_upload
 
