@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import socket
 import statistics
@@ -181,6 +182,7 @@ async def _single(url: str, body: dict) -> tuple[float, int]:
 
 
 def run_bench_adapters(args: argparse.Namespace, model_dir: Path) -> dict:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     base = BaseModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
     rng = random.Random(0)
     results: dict = {"model": str(model_dir), "dtype": args.dtype, "slots": args.slots, "threads": args.num_threads}
