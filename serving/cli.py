@@ -27,7 +27,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quantize", default="none", choices=["none", "nf4"])
+    p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: the base linears in NF4")
+    p.add_argument(
+        "--nf4-kernel",
+        default="auto",
+        choices=["auto", "dequantize", "packed"],
+        help="NF4 product: packed bf16 kernel (AVX-512 bf16; out %% 32 == 0, in %% 64 == 0) or dequantize",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--max-model-len", type=int, default=None)
@@ -164,12 +170,17 @@ def _serve(args: argparse.Namespace) -> None:
         adapters=parse_adapters(args.adapter),
         merge_adapter=args.merge_adapter,
         max_resident_adapters=args.max_resident_adapters,
+        nf4_path=args.nf4_kernel,
         **store_settings(args),
     )
-    if config.quantize != "none":
-        raise SystemExit("--quantize nf4 is not available yet")
     engine = AsyncEngine(config)
     stats = engine.stats()
+    weights = engine.base_weight_bytes
+    print(
+        f"switchboard: base weights {weights['total'] / 2**20:.1f} MiB (linears {weights['linear'] / 2**20:.1f} MiB "
+        f"{'NF4' if config.quantize == 'nf4' else config.dtype}, other {weights['other'] / 2**20:.1f} MiB {config.dtype})",
+        flush=True,
+    )
     for name, kind in sorted(engine.adapter_kinds.items()):
         merged = " (merged into the weights)" if name == engine.merged_adapter else ""
         print(f"switchboard: adapter {name} ({kind}) from {config.adapters[name]}{merged}", flush=True)

@@ -25,6 +25,9 @@ class ServeConfig:
     dtype: DType = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantize: Literal["none", "nf4"] = "none"
+    # NF4 product per layer (serving/models/quant.py): auto = bitsandbytes' packed bf16 kernel where the layer's
+    # shape and the CPU allow it, dequantise-and-multiply elsewhere
+    nf4_path: Literal["auto", "dequantize", "packed"] = "auto"
     # Scheduler
     max_num_seqs: int = 64
     max_batch_tokens: int = 4096
@@ -75,6 +78,11 @@ class ServeConfig:
             raise ValueError("--num-kv-blocks must be at least 2")
         if self.kv_cache_gb <= 0:
             raise ValueError("--kv-cache-gb must be positive")
+        if self.quantize not in ("none", "nf4"):
+            raise ValueError(f"--quantize must be none or nf4, got {self.quantize!r}")
+        if self.quantize == "nf4" and self.merge_adapter is not None:
+            # Folding a delta into NF4 codes means dequantise, add, requantise: lossy (QLoRA, ADAPTERS.md 1.7).
+            raise ValueError("--merge-adapter cannot be combined with --quantize nf4: adapters run unmerged on NF4")
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -140,6 +140,18 @@ class ServerMetrics:
     def watch_adapters(self, device: Callable[[], DeviceStats], host: HostStats, store: StoreStats) -> None:
         """Export the adapter tiers (device slots, host LRU, disk store) at scrape time."""
         self.registry.register(AdapterTiers(device, host, store))
+
+    def base_weights(self, num_bytes: dict[str, int], quantize: str) -> None:
+        """The base model's weight bytes as held (NF4 codes and constants, or dense), by component; fixed at start."""
+        gauge = Gauge(
+            PREFIX + "base_weight_bytes",
+            "Bytes of the base model's weights as held in memory (linear: the projections, NF4 or dense; other: "
+            "embeddings, norms, lm_head; total).",
+            ["component", "quantize"],
+            registry=self.registry,
+        )
+        for component, value in num_bytes.items():
+            gauge.labels(component=component, quantize=quantize).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -58,6 +58,7 @@ class Engine(Protocol):
     adapter_kinds: dict[str, str]  # adapter id -> kind, every adapter requests may name
     merged_adapter: str | None  # the adapter folded into the weights (then the base model is not served)
     base_shape: BaseModelShape  # what uploads are validated against
+    base_weight_bytes: dict[str, int]  # {"linear", "other", "total"}: the base model's weights as held (NF4 or dense)
 
     def start(self) -> None: ...
 
@@ -76,6 +77,7 @@ class Engine(Protocol):
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     metrics = ServerMetrics(engine.stats)
+    metrics.base_weights(engine.base_weight_bytes, config.quantize)
     texts = TokenTexts(engine.tokenizer)
     created = int(time.time())
 

@@ -9,6 +9,7 @@ adapters address parts by `(layer, name)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +50,9 @@ class AdapterLinear(nn.Module):
         self.out_features = start
         self.weight = nn.Parameter(torch.empty(start, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(start), requires_grad=False) if bias else None
+        # The frozen base product `base_matmul(x, weight, bias)`: F.linear over the dense weight, or, after
+        # quant.quantize_nf4, an NF4Linear (then `weight` is None); chosen once, never branched on in forward.
+        self.base_matmul: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor] = F.linear
 
     def part(self, name: str) -> LinearPart:
         for p in self.parts:
@@ -59,6 +63,6 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor, deltas: LinearDeltas | None = None) -> torch.Tensor:
         # x: [T, in_features] -> [T, out_features]
         if deltas is None:
-            return F.linear(x, self.weight, self.bias)
+            return self.base_matmul(x, self.weight, self.bias)
         x_in = deltas.transform_input(self, x)
-        return deltas.add_output(self, x, F.linear(x_in, self.weight, self.bias))
+        return deltas.add_output(self, x, self.base_matmul(x_in, self.weight, self.bias))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -12,6 +13,7 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .linear import AdapterLinear
 from .llama import LlamaModel
+from .quant import NF4Path, quantize_nf4
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -68,11 +70,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     max_positions: int | None = None,
+    quantize: Literal["none", "nf4"] = "none",
+    nf4_path: NF4Path = "auto",
 ) -> LlamaModel:
-    """Build the model from `config.json` and fill every parameter from the checkpoint; nothing may be missing."""
+    """Build the model from `config.json` and fill every parameter from the checkpoint; nothing may be missing.
+
+    With `quantize="nf4"` the checkpoint is read in float32, every linear is quantised to NF4 from those values
+    (as transformers' load_in_4bit does), and the rest (embeddings, norms, lm_head) is cast to `dtype`, the dtype
+    the NF4 products compute in.
+    """
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = LlamaModel(cfg, max_positions=1)
+    final_dtype, dtype = dtype, (torch.float32 if quantize == "nf4" else dtype)
     model = model.to_empty(device="cpu").to(dtype)
     targets = _param_targets(model)
     seen: set[str] = set()
@@ -93,5 +103,8 @@ def load_model(
     if missing:
         raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     model = model.to(device).eval()
+    if quantize == "nf4":
+        quantize_nf4(model, final_dtype, nf4_path)
+        model = model.to(final_dtype)
     model.set_max_positions(max_positions or cfg.max_position_embeddings)
     return model
