@@ -25,6 +25,7 @@ from ..config import ServeConfig
 from ..models.attention import KVCache
 from ..models.config import ModelConfig
 from ..models.loader import load_model
+from ..models.quant import weight_bytes
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
@@ -66,7 +67,15 @@ class LLMEngine:
         if mc.sliding_window:  # attend fully inside the window: never run past it
             limit = min(limit, mc.sliding_window)
         self.max_model_len = min(config.max_model_len or limit, limit)
-        self.model = load_model(config.model, config.torch_dtype, self.device, max_positions=self.max_model_len)
+        self.model = load_model(
+            config.model,
+            config.torch_dtype,
+            self.device,
+            max_positions=self.max_model_len,
+            quantize=config.quantize,
+            nf4_path=config.nf4_path,
+        )
+        self.base_weight_bytes = weight_bytes(self.model)  # {"linear", "other", "total"}: start-up line, /metrics
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
