@@ -48,12 +48,12 @@ _SOURCE = r"""
 namespace {
 
 constexpr int64_t TB = 8;  // tokens per block: each weight row read from memory serves up to TB tokens
-constexpr int64_t V = 16;  // floats per vector (one AVX-512 register, two AVX2 ones)
+constexpr int64_t V_ = 16;  // floats per vector (one AVX-512 register, two AVX2 ones)
 
 // GCC/Clang vector extensions: 16 floats per value, compiled to the widest vectors -march=native offers.
-typedef float vf __attribute__((vector_size(4 * V)));
-typedef uint32_t vu __attribute__((vector_size(4 * V)));
-typedef uint16_t vh __attribute__((vector_size(2 * V)));
+typedef float vf __attribute__((vector_size(4 * V_)));
+typedef uint32_t vu __attribute__((vector_size(4 * V_)));
+typedef uint16_t vh __attribute__((vector_size(2 * V_)));
 
 inline vf load(const float* p) {
   vf v;
@@ -69,8 +69,8 @@ inline vf load(const c10::BFloat16* p) {  // bf16 is the top half of a float32
   return v;
 }
 inline vf load(const c10::Half* p) {
-  float f[V];
-  for (int64_t i = 0; i < V; ++i) f[i] = static_cast<float>(p[i]);
+  float f[V_];
+  for (int64_t i = 0; i < V_; ++i) f[i] = static_cast<float>(p[i]);
   return load(f);
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -83,16 +83,16 @@ inline void store(c10::BFloat16* p, vf v) {  // round to nearest even, NaN kept 
   std::memcpy(p, &h, sizeof h);
 }
 inline void store(c10::Half* p, vf v) {
-  float f[V];
+  float f[V_];
   std::memcpy(f, &v, sizeof f);
-  for (int64_t i = 0; i < V; ++i) p[i] = c10::Half(f[i]);
+  for (int64_t i = 0; i < V_; ++i) p[i] = c10::Half(f[i]);
 }
 
 struct Block {
   int64_t slot, begin, end;  // tokens order[begin:end] all use `slot`
 };
 
-// out[i, c0 : c0 + NC * V] = in[i, :K] @ M[:K, c0 : c0 + NC * V] for NT rows: NT x NC accumulators stay in
+// out[i, c0 : c0 + NC * V_] = in[i, :K] @ M[:K, c0 : c0 + NC * V_] for NT rows: NT x NC accumulators stay in
 // registers, and each weight row chunk is read once, contiguously, for all NT rows.
 template <int NT, int NC, typename T>
 inline void tile(const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64_t K, int64_t c0, float* out,
@@ -100,14 +100,14 @@ inline void tile(const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64
   vf acc[NT][NC] = {};
   for (int64_t k = 0; k < K; ++k) {
     vf m[NC];
-    for (int c = 0; c < NC; ++c) m[c] = load(M + k * ld_m + c0 + c * V);
+    for (int c = 0; c < NC; ++c) m[c] = load(M + k * ld_m + c0 + c * V_);
     for (int i = 0; i < NT; ++i) {
       const float xv = in[i * ld_in + k];
       for (int c = 0; c < NC; ++c) acc[i][c] += xv * m[c];
     }
   }
   for (int i = 0; i < NT; ++i)
-    for (int c = 0; c < NC; ++c) std::memcpy(out + i * ld_out + c0 + c * V, &acc[i][c], sizeof(vf));
+    for (int c = 0; c < NC; ++c) std::memcpy(out + i * ld_out + c0 + c * V_, &acc[i][c], sizeof(vf));
 }
 
 template <int NT, typename T>
@@ -130,15 +130,15 @@ void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t 
     const float* in_i = in + i * ld_in;
     float* out_i = out + i * ld_out;
     int64_t c = 0;
-    while (c + V <= N) {
-      const int nc = int(std::min<int64_t>((N - c) / V, nt == 8 ? 3 : 4));  // at most 24 accumulators
+    while (c + V_ <= N) {
+      const int nc = int(std::min<int64_t>((N - c) / V_, nt == 8 ? 3 : 4));  // at most 24 accumulators
       switch (nt) {
         case 8: tile_nc<8>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
         case 4: tile_nc<4>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
         case 2: tile_nc<2>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
         default: tile_nc<1>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
       }
-      c += nc * V;
+      c += nc * V_;
     }
     for (; c < N; ++c)  // columns past the last full vector
       for (int r = 0; r < nt; ++r) {
@@ -154,7 +154,7 @@ void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t 
 template <typename T>
 inline void add_into(T* dst, const float* src, int64_t n) {
   int64_t c = 0;
-  for (; c + V <= n; c += V) store(dst + c, load(dst + c) + load(src + c));
+  for (; c + V_ <= n; c += V_) store(dst + c, load(dst + c) + load(src + c));
   for (; c < n; ++c) dst[c] = T(static_cast<float>(dst[c]) + src[c]);
 }
 
@@ -255,7 +255,46 @@ void kron_apply_tokens(at::Tensor& y, const at::Tensor& x, const at::Tensor& tok
   });
 }
 
+template <typename T>
+void scale_tokens(at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& V) {
+  const int64_t T_ = x.size(0), n = x.size(1);
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  const T* vp = V.data_ptr<T>();
+  T* xp = x.data_ptr<T>();
+  const int64_t x_st = x.stride(0);
+  at::parallel_for(0, T_, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (ts[t] < 0) continue;
+      T* row = xp + t * x_st;
+      const T* v = vp + ts[t] * n;
+      int64_t c = 0;
+      for (; c + V_ <= n; c += V_) store(row + c, load(row + c) * load(v + c));
+      for (; c < n; ++c) row[c] = T(static_cast<float>(row[c]) * static_cast<float>(v[c]));
+    }
+  });
+}
+
 }  // namespace
+
+void scale_gather(at::Tensor x, const at::Tensor& token_slots, const at::Tensor& V) {
+  TORCH_CHECK(x.device().is_cpu() && V.device().is_cpu() && token_slots.device().is_cpu(),
+              "the compiled (IA)3 scale runs on CPU tensors only");
+  const at::ScalarType dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x: float32, bfloat16 or float16");
+  TORCH_CHECK(V.scalar_type() == dt && V.dim() == 2 && V.is_contiguous(), "V must be a contiguous [S, n] of x's dtype");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == V.size(1), "x must be [T, n] with contiguous rows");
+  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.scalar_type() == at::kLong &&
+                  token_slots.is_contiguous(),
+              "token_slots must be a contiguous int64 [T]");
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < x.size(0); ++t)
+    TORCH_CHECK(ts[t] >= -1 && ts[t] < V.size(0), "token_slots[", t, "] = ", ts[t], " is out of range");
+  switch (dt) {
+    case at::kBFloat16: scale_tokens<c10::BFloat16>(x, token_slots, V); break;
+    case at::kHalf: scale_tokens<c10::Half>(x, token_slots, V); break;
+    default: scale_tokens<float>(x, token_slots, V);
+  }
+}
 
 void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
                         at::TensorList Bs, at::IntArrayRef cols, at::IntArrayRef rows, int64_t r) {
@@ -323,6 +362,7 @@ void kron_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slot
 TORCH_LIBRARY_FRAGMENT(switchboard, m) {
   m.def("lora_packed_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor A, Tensor[] Bs, int[] cols, "
         "int[] rows, int r) -> ()", &lora_packed_gather);
+  m.def("scale_gather(Tensor(a!) x, Tensor token_slots, Tensor V) -> ()", &scale_gather);
   m.def("kron_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor W1, Tensor W2) -> ()", &kron_gather);
 }
 """
@@ -361,6 +401,19 @@ def kron_gather(y: Tensor, x: Tensor, token_slots: Tensor, W1: Tensor, W2: Tenso
     _require_built()
     torch.ops.switchboard.kron_gather(y, x, token_slots, W1, W2)
     return y
+
+
+def scale_gather(x: Tensor, token_slots: Tensor, V: Tensor) -> Tensor:
+    """`scale.segmented_scale` for the tokens with a slot, in one compiled call, in place on x (CPU tensors).
+
+    Args:
+        x: [T, n] activations, rows contiguous (a column slice of a packed output is fine).
+        token_slots: [T] int64, the slot of each token this call handles, -1 for the others.
+        V: [S, n] contiguous stacked scaling vectors.
+    """
+    _require_built()
+    torch.ops.switchboard.scale_gather(x, token_slots, V)
+    return x
 
 
 @functools.cache

@@ -3,7 +3,9 @@
 Slots are stacked: `V: [S, n]`. Used on the k and v column slices of a packed q|k|v output (in place on a strided
 view) and on the input of down_proj. Tokens without an adapter (slot -1) are left as they are. Long runs multiply
 by their slot's vector broadcast over the run; the other tokens multiply by their gathered vectors at once (a
-vector is no larger than the activation row it scales, so the gather costs what one more read of x costs).
+vector is no larger than the activation row it scales, so the gather costs what one more read of x costs), or, on
+CPU tensors, in one compiled call (`cpu_adapters.scale_gather`: no index_select / index_copy round trip when only
+some tokens carry an (IA)3 adapter, as in a batch mixing kinds).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_adapters
 from .segments import NO_SLOT, Segments
 
 
@@ -38,7 +41,9 @@ def segmented_scale(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
         x.
     """
     g = seg.gather
-    if g.covers_all and g.num_tokens:
+    if g.num_tokens and x.device.type == "cpu" and x.stride(1) == 1 and V.is_contiguous() and _compiled():
+        cpu_adapters.scale_gather(x, g.token_slots, V)
+    elif g.covers_all and g.num_tokens:
         x.mul_(V.index_select(0, g.slots))  # [T, n]: one gathered vector per token
     elif g.num_tokens:
         x.index_copy_(0, g.rows, x.index_select(0, g.rows).mul_(V.index_select(0, g.slots)))
@@ -61,3 +66,7 @@ def segmented_scaled(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
         out: [T, n], contiguous.
     """
     return segmented_scale(x.clone(memory_format=torch.contiguous_format), V, seg)
+
+
+def _compiled() -> bool:
+    return cpu_adapters.compiled_adapters_available()

@@ -14,6 +14,8 @@ One step is one flattened token batch (prefill chunks and decode tokens together
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -120,34 +122,42 @@ class Segments:
         )
 
 
-def _runs(values: Tensor) -> tuple[Tensor, Tensor]:
+def _runs(values: list[int]) -> tuple[list[int], list[int]]:
     """Maximal runs of equal values: (starts [G+1], run values [G])."""
-    run_values, counts = torch.unique_consecutive(values, return_counts=True)
-    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    starts, run_values = [], []
+    for t, v in enumerate(values):
+        if not run_values or v != run_values[-1]:
+            starts.append(t)
+            run_values.append(v)
+    starts.append(len(values))
     return starts, run_values
 
 
-def _gather(rows: Tensor, slots: Tensor, num_tokens: int) -> Gather:
-    """Group the tokens `rows` ([N], ascending) with slots `slots` ([N]) by slot, keeping token order inside."""
-    distinct, group, counts = torch.unique(slots, sorted=True, return_inverse=True, return_counts=True)
-    order = torch.argsort(group, stable=True)  # tokens grouped by slot
-    firsts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])  # [U] first position of each group
-    rank = torch.empty_like(group)
-    rank[order] = torch.arange(group.numel()) - firsts[group[order]]
-    width = int(counts.max()) if counts.numel() else 0
-    padded_pos = group * width + rank
-    token_slots = torch.full((num_tokens,), NO_SLOT, dtype=torch.int64)
-    token_slots[rows] = slots
+def _gather(rows: list[int], slots: list[int], num_tokens: int) -> Gather:
+    """Group the tokens `rows` (ascending) with slots `slots` by slot, keeping token order inside."""
+    distinct = sorted(set(slots))
+    group_of = {s: u for u, s in enumerate(distinct)}
+    counts = [0] * len(distinct)
+    padded_rank = []
+    for s in slots:  # rank of each token within its slot, in token order
+        padded_rank.append(counts[group_of[s]])
+        counts[group_of[s]] += 1
+    width = max(counts, default=0)
+    padded_pos = [group_of[s] * width + k for s, k in zip(slots, padded_rank, strict=True)]
+    token_slots = [NO_SLOT] * num_tokens
+    for t, s in zip(rows, slots, strict=True):
+        token_slots[t] = s
+    as_long = functools.partial(torch.tensor, dtype=torch.int64)
     return Gather(
-        rows=rows,
-        slots=slots,
-        token_slots=token_slots,
-        distinct=distinct,
-        padded_pos=padded_pos,
+        rows=as_long(rows),
+        slots=as_long(slots),
+        token_slots=as_long(token_slots),
+        distinct=as_long(distinct),
+        padded_pos=as_long(padded_pos),
         width=width,
-        in_order=bool(torch.equal(padded_pos, torch.arange(distinct.numel() * width))),
-        covers_all=rows.numel() == num_tokens,
-        all_slots=bool(torch.equal(distinct, torch.arange(distinct.numel()))),
+        in_order=padded_pos == list(range(len(distinct) * width)),
+        covers_all=len(rows) == num_tokens,
+        all_slots=distinct == list(range(len(distinct))),
     )
 
 
@@ -156,32 +166,37 @@ def build_segments(
 ) -> Segments:
     """Group one step's per-token slot ids (NO_SLOT = no adapter) into segments, long runs and the gather form.
 
-    Pure host work; `device` (default: the CPU) is where the tensor fields are placed for the kernels. Runs of at
-    least `min_gemm_run` tokens with a slot become long runs.
+    Pure host work, done on Python ints (a step has at most a few thousand tokens, and a few dozen small tensor ops
+    cost more than the loops); `device` (default: the CPU) is where the tensor fields are placed for the kernels.
+    Runs of at least `min_gemm_run` tokens with a slot become long runs.
     """
-    ts = torch.as_tensor(token_slots, dtype=torch.int64).detach().to("cpu").reshape(-1)  # [T]
-    if ts.numel() and int(ts.min()) < NO_SLOT:
-        raise ValueError(f"slot ids must be >= {NO_SLOT}, got {int(ts.min())}")
+    if isinstance(token_slots, Tensor):
+        token_slots = token_slots.detach().to("cpu").reshape(-1).tolist()
+    ts = [int(s) for s in token_slots]
+    if ts and min(ts) < NO_SLOT:
+        raise ValueError(f"slot ids must be >= {NO_SLOT}, got {min(ts)}")
     starts, slots = _runs(ts)
-    lengths = starts[1:] - starts[:-1]  # [G]
+    lengths = [end - start for start, end in itertools.pairwise(starts)]
 
     long_runs: list[Run] = []
-    in_gather = ts != NO_SLOT  # [T] bool
-    for start, end, slot in zip(starts[:-1].tolist(), starts[1:].tolist(), slots.tolist(), strict=True):
-        if slot != NO_SLOT and end - start >= min_gemm_run:
+    rows: list[int] = []
+    for start, end, slot in zip(starts[:-1], starts[1:], slots, strict=True):
+        if slot == NO_SLOT:
+            continue
+        if end - start >= min_gemm_run:
             long_runs.append((start, end, slot))
-            in_gather[start:end] = False
-    rows = in_gather.nonzero().reshape(-1)  # [N]
+        else:
+            rows.extend(range(start, end))
 
     segments = Segments(
-        token_slots=ts,
-        starts=starts,
-        slots=slots,
-        max_segment_len=int(lengths.max()) if lengths.numel() else 0,
-        all_single=bool((lengths == 1).all()),
+        token_slots=torch.tensor(ts, dtype=torch.int64),
+        starts=torch.tensor(starts, dtype=torch.int64),
+        slots=torch.tensor(slots, dtype=torch.int64),
+        max_segment_len=max(lengths, default=0),
+        all_single=all(n == 1 for n in lengths),
         long_runs=tuple(long_runs),
-        gather=_gather(rows, ts[rows], ts.numel()),
-        num_tokens=ts.numel(),
-        num_adapted=int((ts != NO_SLOT).sum()),
+        gather=_gather(rows, [ts[t] for t in rows], len(ts)),
+        num_tokens=len(ts),
+        num_adapted=sum(s != NO_SLOT for s in ts),
     )
     return segments if device is None else segments.to(device)

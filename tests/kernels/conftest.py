@@ -122,3 +122,15 @@ def dtype(request: pytest.FixtureRequest) -> torch.dtype:
 @pytest.fixture(params=PATTERNS)
 def pattern(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def gather_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Gathered tokens through the compiled CPU op (where it builds) or through the torch form (op switched off)."""
+    from switchboard.kernels import cpu_adapters
+
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_adapters, "compiled_adapters_available", lambda: False)
+    elif not cpu_adapters.compiled_adapters_available():
+        pytest.skip(f"no C++ build here: {cpu_adapters.compiled_adapters_unavailable_reason()}")
+    return request.param

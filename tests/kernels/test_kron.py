@@ -5,23 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import build_segments, cpu_adapters, kron_apply, kron_apply_ref
+from switchboard.kernels import build_segments, kron_apply, kron_apply_ref
 
 # (o1, i1, o2, i2, slots, tokens): in = i1*i2, out = o1*o2; square and non-square factors, both contraction orders
 SHAPES = [(2, 4, 32, 16, 1, 16), (8, 8, 64, 64, 4, 24), (4, 8, 344, 172, 32, 40), (16, 2, 4, 32, 4, 20)]
 SHAPE_IDS = [f"W1_{o1}x{i1}-W2_{o2}x{i2}-S{s}" for o1, i1, o2, i2, s, _ in SHAPES]
 # The torch path's forms: every adapted run its own product, the default split, every token gathered.
 MIN_GEMM_RUNS = {"runs": 1, "auto": 8, "gather": 10**9}
-
-
-@pytest.fixture(params=["compiled", "torch"])
-def gather_path(request, monkeypatch) -> str:
-    """Gathered tokens through the compiled CPU op (where it builds) or through the torch padded-bmm form."""
-    if request.param == "torch":
-        monkeypatch.setattr(cpu_adapters, "compiled_adapters_available", lambda: False)
-    elif not cpu_adapters.compiled_adapters_available():
-        pytest.skip(f"no C++ build here: {cpu_adapters.compiled_adapters_unavailable_reason()}")
-    return request.param
 
 
 @pytest.mark.parametrize(("o1", "i1", "o2", "i2"), [(3, 5, 4, 2), (2, 7, 6, 3), (4, 4, 4, 4)])

@@ -9,7 +9,9 @@ from switchboard.kernels import build_segments, segmented_scale, segmented_scale
 
 
 @pytest.mark.parametrize(("n", "S", "T"), [(64, 1, 16), (512, 4, 24), (1376, 32, 40)], ids=["n64", "n512", "n1376"])
-def test_segmented_scale_matches_reference(n, S, T, pattern, dtype, make_slots, make_randn, assert_close) -> None:
+def test_segmented_scale_matches_reference(
+    n, S, T, pattern, dtype, gather_path, make_slots, make_randn, assert_close
+) -> None:
     slots = make_slots(pattern, T, S)
     x = make_randn(len(slots), n, dtype=dtype, seed=1)
     V = (1 + make_randn(S, n, dtype=torch.float32, scale=0.5, seed=2)).to(dtype)
@@ -24,7 +26,9 @@ def test_segmented_scale_matches_reference(n, S, T, pattern, dtype, make_slots, 
 
 @pytest.mark.parametrize("slots", [[0, 1, -1, 2], [2, 2, 2, -1, -1, 0], [1, 0, 2, 1]], ids=["decode", "runs", "full"])
 @pytest.mark.parametrize("min_run", [1, 100])
-def test_scales_k_and_v_slices_of_a_packed_output_in_place(slots, min_run, make_randn, assert_close) -> None:
+def test_scales_k_and_v_slices_of_a_packed_output_in_place(
+    slots, min_run, gather_path, make_randn, assert_close
+) -> None:
     seg = build_segments(slots, min_gemm_run=min_run)
     T = len(slots)
     qkv = make_randn(T, 64 + 2 * 32, dtype=torch.float32)
