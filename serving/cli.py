@@ -94,6 +94,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
         "--kinds", default="lora,krona,ia3,prefix,mixed", help="comma-separated: lora,krona,ia3,prefix,mixed"
     )
     p.add_argument("--num-adapters", type=int, default=32)
+    p.add_argument("--lora-ranks", default="8,16", help="LoRA ranks, each on attention and on all linear layers")
     p.add_argument("--batch-sizes", default=None, help="comma-separated concurrent requests per run (default 1,8,32)")
     p.add_argument("--num-requests", type=int, default=None, help="one batch size (same as --batch-sizes N)")
     p.add_argument("--prompt-len", type=int, default=64)

@@ -33,18 +33,30 @@ from .engine.llm_engine import LLMEngine, load_tokenizer
 from .engine.request import SamplingParams
 
 PREFIX_TOKENS = 8
-ADAPTER_FAMILIES: dict[str, PeftConfig] = {
-    "lora-r8-attn": LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, init_lora_weights=False),
-    "lora-r16-attn": LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, init_lora_weights=False),
-    "lora-r8-all": LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False),
-    "lora-r16-all": LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, init_lora_weights=False),
+OTHER_FAMILIES: dict[str, PeftConfig] = {
     "krona": LoKrConfig(r=8, alpha=8, target_modules=ATTENTION, init_weights=False),
     "ia3": IA3Config(
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
     ),
     "prefix": PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS, task_type="CAUSAL_LM"),
 }
-KIND_FAMILY = {"lora": "lora-r16-attn", "krona": "krona", "ia3": "ia3", "prefix": "prefix"}
+
+
+def adapter_families(lora_ranks: list[int]) -> dict[str, PeftConfig]:
+    """LoRA at each rank on attention and on all linear layers (alpha = 2r), then KronA, (IA)3 and prefix."""
+    families: dict[str, PeftConfig] = {}
+    for r in lora_ranks:
+        for where, targets in (("attn", ATTENTION), ("all", ALL_LINEAR)):
+            families[f"lora-r{r}-{where}"] = LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False
+            )
+    return families | OTHER_FAMILIES
+
+
+def kind_families(lora_ranks: list[int]) -> dict[str, str]:
+    """The family that stands for each kind in the mixed configuration: LoRA r=16 on attention where measured."""
+    r = 16 if 16 in lora_ranks else lora_ranks[0]
+    return {"lora": f"lora-r{r}-attn", "krona": "krona", "ia3": "ia3", "prefix": "prefix"}
 
 
 @dataclass(slots=True)
@@ -154,8 +166,8 @@ def _configurations(
         configs.append((family, f"{len(adapters)} distinct {family} unmerged", adapters, None))
     if "mixed" in args.kinds:
         mixed: dict[str, Path] = {}
-        per_kind = max(1, args.num_adapters // len(KIND_FAMILY))
-        for family in KIND_FAMILY.values():
+        per_kind = max(1, args.num_adapters // 4)
+        for family in kind_families(lora_ranks(args)).values():
             mixed |= {f"{family}-{i}": d for i, d in enumerate(families[family][:per_kind])}
         configs.append(("mixed", f"{len(mixed)} adapters of all four kinds", mixed, None))
     return configs
@@ -214,6 +226,14 @@ def _print_table(results: list[Measurement], workload: str, args: argparse.Names
         print(f"| {m.description} | {m.decode_tok_s:.0f} | {m.total_tok_s:.0f} | {m.ratio_to_base:.2f} |")
 
 
+def lora_ranks(args: argparse.Namespace) -> list[int]:
+    """--lora-ranks as integers, e.g. "8,16" -> [8, 16]."""
+    ranks = sorted({int(x) for x in args.lora_ranks.split(",") if x})
+    if not ranks or ranks[0] < 1:
+        raise ValueError("--lora-ranks: positive integers, e.g. 8,16")
+    return ranks
+
+
 def batch_sizes(args: argparse.Namespace) -> list[int]:
     """--batch-sizes, else --num-requests alone, else 1, 8 and 32."""
     if args.batch_sizes:
@@ -233,14 +253,16 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     work = args.out / "adapters"
     families: dict[str, list[Path]] = {}
-    wanted = {KIND_FAMILY[k] for k in args.kinds if k in KIND_FAMILY} | {
-        f for f in ADAPTER_FAMILIES if f.startswith("lora") and "lora" in args.kinds
+    ranks = lora_ranks(args)
+    all_families, by_kind = adapter_families(ranks), kind_families(ranks)
+    wanted = {by_kind[k] for k in args.kinds if k in by_kind} | {
+        f for f in all_families if f.startswith("lora") and "lora" in args.kinds
     }
     if "mixed" in args.kinds:
-        wanted |= set(KIND_FAMILY.values())
+        wanted |= set(by_kind.values())
     for seed, family in enumerate(sorted(wanted), start=1):
         print(f"[profile] building {args.num_adapters} {family} adapters", flush=True)
-        first = build_adapter(model_dir, ADAPTER_FAMILIES[family], work / family, seed)
+        first = build_adapter(model_dir, all_families[family], work / family, seed)
         families[family] = seeded_copies(first, work, args.num_adapters, seed)
 
     # Without --kv-cache-gb, each engine's pool holds the largest batch whole (prefix tokens included), so that no

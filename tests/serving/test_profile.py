@@ -67,3 +67,18 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
     assert len(rows["base"]["runs"]) == len(rows) - 1
     assert "| base model only |" in res.stdout
     assert report["peft_mixed_batch"]["peft_tok_s"] > 0 and "PEFT generate(adapter_names=...)" in res.stdout
+
+
+def test_lora_ranks_make_attention_and_all_linear_families() -> None:
+    from switchboard.serving.profile import adapter_families, kind_families
+
+    families = adapter_families([4, 32])
+    assert [f for f in families if f.startswith("lora")] == [
+        "lora-r4-attn",
+        "lora-r4-all",
+        "lora-r32-attn",
+        "lora-r32-all",
+    ]
+    assert families["lora-r32-all"].r == 32 and families["lora-r32-all"].lora_alpha == 64
+    assert {"krona", "ia3", "prefix"} <= set(families)
+    assert kind_families([4, 32])["lora"] == "lora-r4-attn" and kind_families([8, 16])["lora"] == "lora-r16-attn"
