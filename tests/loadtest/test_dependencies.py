@@ -1,0 +1,20 @@
+"""The load tester is a client: it must run against any server without importing ours."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+MODULES = ("client", "compare", "config", "main", "peer", "plots", "profile_report", "report", "runner", "stats",
+           "upload", "workload")  # fmt: skip
+
+
+def test_loadtest_never_imports_the_server() -> None:
+    code = (
+        "import sys\n"
+        + "".join(f"import switchboard.loadtest.{m}\n" for m in MODULES)
+        + "bad = sorted(m for m in sys.modules if m.startswith('switchboard.serving'))\n"
+        + "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
