@@ -164,6 +164,11 @@ def _configurations(
     for family, dirs in sorted(families.items()):
         adapters = {f"{family}-{i}": d for i, d in enumerate(dirs)}
         configs.append((family, f"{len(adapters)} distinct {family} unmerged", adapters, None))
+    # One adapter of each family for every request: the like-for-like with the survey's merged-versus-unmerged
+    # figures (the distinct rows add each adapter's weights to the bytes a step reads).
+    for family, dirs in sorted(families.items()):
+        if family != one:  # `unmerged-1` above is this row for `one`
+            configs.append((f"{family}-one", f"one {family} adapter unmerged, all requests", {"a0": dirs[0]}, None))
     if "mixed" in args.kinds:
         mixed: dict[str, Path] = {}
         per_kind = max(1, args.num_adapters // 4)

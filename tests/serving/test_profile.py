@@ -60,6 +60,8 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
     assert {"base", "merged", "unmerged-1", "lora-r16-attn", "lora-r8-all", "ia3", "prefix", "krona", "mixed"} <= set(
         rows
     )
+    assert {"lora-r16-attn-one", "ia3-one", "prefix-one", "krona-one"} <= set(rows)  # one adapter per kind
+    assert "one ia3 adapter unmerged, all requests" in res.stdout
     assert rows["base"]["ratio_to_base"] == 1.0
     for r in rows.values():
         assert r["decode_tok_s"] > 0 and r["ratio_to_base"] > 0
