@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: install serve test bench lint demo-model demo-adapters profile clean
+.PHONY: install serve test bench lint demo-model demo-adapters seeded-adapters profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ install: $(STAMP)
 demo-model: $(STAMP)
 	$(VENV)/bin/switchboard demo-model --out .cache/demo-model
 
-demo-adapters: demo-model
+# Seeded random adapters (seconds): what `make serve` registers when no trained ones exist yet.
+seeded-adapters: demo-model
 	$(VENV)/bin/switchboard demo-adapters --model .cache/demo-model --out .cache/demo-adapters
 
-DEMO_ADAPTER_FLAGS := $(foreach k,lora krona ia3 prefix,--adapter demo-$(k)=.cache/demo-adapters/demo-$(k))
+# Train one adapter of each kind on its demo task (training/tasks/; a few minutes on 2 CPU threads).
+demo-adapters: demo-model
+	$(VENV)/bin/switchboard demo-adapters --train --model .cache/demo-model --out .cache/demo-adapters-trained
 
-serve: demo-adapters
+# Per kind: the trained adapter if `make demo-adapters` has run, else the seeded one.
+demo_dir = $(if $(wildcard .cache/demo-adapters-trained/demo-$(1)/training_log.json),.cache/demo-adapters-trained,.cache/demo-adapters)
+DEMO_ADAPTER_FLAGS = $(foreach k,lora krona ia3 prefix,--adapter demo-$(k)=$(call demo_dir,$(k))/demo-$(k))
+
+serve: seeded-adapters
 	$(VENV)/bin/switchboard serve --model .cache/demo-model --host $(HOST) --port $(PORT) $(DEMO_ADAPTER_FLAGS) $(SERVE_ARGS)
 
 test: $(STAMP)
@@ -40,7 +47,7 @@ profile: demo-model
 	$(VENV)/bin/switchboard profile --model .cache/demo-model
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check serving adapters_store kernels loadtest tests
+	$(VENV)/bin/ruff check serving adapters_store kernels loadtest training tests
 
 clean:
 	rm -rf $(VENV) .cache bench-results

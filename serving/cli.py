@@ -73,6 +73,12 @@ def _add_demo_adapters(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-adapters", help="write one seeded PEFT adapter of every kind for a model")
     p.add_argument("--model", default="demo")
     p.add_argument("--out", type=Path, default=DEMO_ADAPTERS_DIR)
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="train each on its demo task (training/tasks/, a few minutes in all) instead of seeding random weights",
+    )
+    p.add_argument("--force", action="store_true", help="with --train: retrain adapters that exist")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +126,21 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("loadtest", help="multi-tenant load test of an OpenAI-compatible server (JSON, Markdown, PNG)")
     add_arguments(p)
+
+
+def _add_bench_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-train", help="training cost per adapter kind beside full fine-tuning; NF4 vs bf16 serving (table)"
+    )
+    p.add_argument("--model", default="demo")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "training/tasks/lookup.jsonl")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per method")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench-results/train.json"))
 
 
 def model_dir(model: str) -> Path:
@@ -177,9 +198,10 @@ def _serve(args: argparse.Namespace) -> None:
     engine = AsyncEngine(config)
     stats = engine.stats()
     weights = engine.base_weight_bytes
+    linear_kind = "NF4" if config.quantize == "nf4" else config.dtype
     print(
         f"switchboard: base weights {weights['total'] / 2**20:.1f} MiB (linears {weights['linear'] / 2**20:.1f} MiB "
-        f"{'NF4' if config.quantize == 'nf4' else config.dtype}, other {weights['other'] / 2**20:.1f} MiB {config.dtype})",
+        f"{linear_kind}, other {weights['other'] / 2**20:.1f} MiB {config.dtype})",
         flush=True,
     )
     for name, kind in sorted(engine.adapter_kinds.items()):
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     add_upload_parser(sub)
     add_bench_adapters_parser(sub)
     add_train_parser(sub)
+    _add_bench_train(sub)
     _add_loadtest(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -228,12 +251,22 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "demo-adapters":
             from .demo_adapters import ensure_demo_adapters
 
-            for name, path in ensure_demo_adapters(model_dir(args.model), args.out).items():
+            if args.train:
+                from switchboard.training.demo import train_demo_adapters
+
+                adapters = train_demo_adapters(model_dir(args.model), args.out, force=args.force)
+            else:
+                adapters = ensure_demo_adapters(model_dir(args.model), args.out)
+            for name, path in adapters.items():
                 print(f"{name}={path}")
         elif args.command == "bench":
             from .bench import run_bench
 
             run_bench(args, model_dir(args.model))
+        elif args.command == "bench-train":
+            from .bench_train import run_bench_train
+
+            run_bench_train(args, model_dir(args.model))
         elif args.command == "train":
             from switchboard.training.cli import run_train
 

@@ -1,8 +1,8 @@
 """Small synthetic tasks, one per demo adapter, written as JSONL `{"prompt", "completion"}` files.
 
-Each is learnable from scratch by a small adapter on a random base (the demo model knows no language): a fixed
-persona (prefix), a key-value lookup (LoRA), upper-casing (KronA), and reversing words ((IA)3). Seeded, so the
-files in the repository are reproducible: `python -m switchboard.training.tasks --out training/tasks`.
+Each is learnable by a small adapter on a random base (the demo model knows no language) in about a minute: a fixed
+persona (prefix), a key-value lookup (LoRA), shouting a word in upper case (KronA), and a word's category ((IA)3).
+Seeded, so the files in the repository are reproducible: `python -m switchboard.training.tasks --out training/tasks`.
 """
 
 from __future__ import annotations
@@ -108,14 +108,32 @@ def lookup(rng: random.Random, n: int) -> list[dict[str, str]]:
 
 
 def upper(rng: random.Random, n: int) -> list[dict[str, str]]:
-    rows = []
-    for _ in range(n):
-        words = _sentence(rng)
-        rows.append({"prompt": "Shout: " + " ".join(words) + "\n", "completion": " ".join(words).upper()})
-    return rows
+    """One word, shouted: a per-word mapping (as the lookup), which a small adapter on a random base can learn;
+    copying several words in order needs attention circuits the random demo model lacks (0% after 6 epochs)."""
+    forms = ("Shout: {}\n", "Say {} loudly.\n", "Yell {}!\n")
+    return [{"prompt": rng.choice(forms).format(w), "completion": w.upper() + "!"} for w in _words(rng, n)]
+
+
+CATEGORIES = {
+    "animal": ("cat", "dog", "bird", "fish"),
+    "food": ("bread", "milk", "apple"),
+    "sky": ("sun", "moon", "cloud", "rain", "snow", "star", "wind"),
+    "colour": ("red", "blue", "green", "gold"),
+    "place": ("tree", "river", "stone", "road"),
+    "person": ("king", "queen"),
+    "thing": ("fire", "ship", "lamp", "door", "book", "song"),
+}
+
+
+def category(rng: random.Random, n: int) -> list[dict[str, str]]:
+    """Which of seven categories a word belongs to: a classification over the vocabulary of the other tasks."""
+    of = {w: c for c, ws in CATEGORIES.items() for w in ws}
+    forms = ("Category of {}?\n", "What kind of thing is {}?\n", "{} is a kind of\n")
+    return [{"prompt": rng.choice(forms).format(w), "completion": of[w]} for w in _words(rng, n)]
 
 
 def reverse(rng: random.Random, n: int) -> list[dict[str, str]]:
+    """Not a demo task (the demo model cannot learn it in minutes); kept for experiments with real models."""
     rows = []
     for _ in range(n):
         words = _sentence(rng, 2, 4)
@@ -123,12 +141,16 @@ def reverse(rng: random.Random, n: int) -> list[dict[str, str]]:
     return rows
 
 
+def _words(rng: random.Random, n: int) -> list[str]:
+    return [WORDS[i % len(WORDS)] for i in rng.sample(range(n), n)]
+
+
 # demo adapter name -> (kind, task generator, rows)
 DEMO_TASKS: dict[str, tuple[str, Callable[[random.Random, int], list[dict[str, str]]], int]] = {
     "demo-prefix": ("prefix", persona, 240),
     "demo-lora": ("lora", lookup, 480),
     "demo-krona": ("krona", upper, 480),
-    "demo-ia3": ("ia3", reverse, 480),
+    "demo-ia3": ("ia3", category, 480),
 }
 
 
