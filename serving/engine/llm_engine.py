@@ -18,6 +18,7 @@ from switchboard.adapters_store.kinds import (
     load_adapter,
 )
 from switchboard.kernels.backend import default_backend, get_kernels
+from switchboard.kernels.cpu_adapters import compiled_adapters_available
 from switchboard.kernels.paged_attention import compiled_paged_attention_available
 
 from ..adapter_cache import AdapterSlots
@@ -106,8 +107,9 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.adapter_slots, kernels)
         if self.device.type == "cpu":
-            # Build (or load) the compiled decode-attention kernel now, not inside the first request (~10 s cold).
+            # Build (or load) the compiled CPU kernels now, not inside the first request (~10 s cold each).
             compiled_paged_attention_available()
+            compiled_adapters_available()
         self._requests: dict[str, list[Sequence]] = {}
         self._num_preemptions = 0
         self._ids = itertools.count()
