@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -115,7 +116,7 @@ class AsyncEngine:
         hands it over and the step thread registers it); `tenant`: for fair admission."""
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the engine is not running")
-        if self.stats().num_waiting >= self.config.max_waiting:
+        if self.stats().num_waiting >= self.config.max_waiting or self._over_fair_share(tenant):
             raise EngineOverloaded(retry_after_s=1)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -137,6 +138,18 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if remaining:
                 self._commands.put(_Abort(request_id))
+
+    def _over_fair_share(self, tenant: str) -> bool:
+        """With tenants (`--api-keys`), once the queue is half full no tenant may hold more than max_waiting / (n + 1)
+        of it, n the tenants waiting: a flood from one tenant meets 429 while the others still get in."""
+        if self.config.api_keys is None:
+            return False
+        waiting = list(self.engine.scheduler.waiting)
+        if len(waiting) + self._pending_adds < self.config.max_waiting // 2:
+            return False
+        counts = Counter(seq.tenant for seq in waiting)
+        counts[tenant] += 0
+        return counts[tenant] >= self.config.max_waiting / (len(counts) + 1)
 
     def retire_adapter(self, adapter_id: str) -> None:
         """An overwritten or deleted version: requests running on it finish, then it leaves the device."""

@@ -3,6 +3,8 @@ an adapter the admin publishes is usable by both; missing or wrong keys answer 4
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -95,3 +97,24 @@ def test_missing_or_wrong_key_is_401(tenant_server: RunningServer) -> None:
         assert anonymous.get("/health").status_code == 200 and anonymous.get("/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=tenant_server.api_url, api_key="nope", max_retries=0).models.list()
+
+
+def test_one_tenants_flood_meets_429_while_another_gets_in(
+    server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text("key-alice alice\nkey-bob bob\n")
+    server = server_factory(api_keys=keys, max_waiting=4, max_num_seqs=1)
+    body = {"prompt": "flood", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with _http(server, "alice") as alice, _http(server, "bob") as bob, ThreadPoolExecutor(6) as pool:
+        flood = [pool.submit(alice.post, "/v1/completions", json=body) for _ in range(6)]
+        deadline = time.monotonic() + 30
+        # once alice has met a 429, a FIFO queue would be full (4 waiting); fair shares keep room for bob
+        while not any(f.done() and f.result().status_code == 429 for f in flood) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        answer = bob.post("/v1/completions", json={**body, "max_tokens": 2})
+        statuses = [f.result().status_code for f in flood]
+    assert answer.status_code == 200, answer.text
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+    refused = next(f.result() for f in flood if f.result().status_code == 429)
+    assert refused.headers["Retry-After"] == "1"
