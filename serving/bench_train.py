@@ -64,6 +64,7 @@ def bench_training(model_dir: Path, args: argparse.Namespace) -> list[dict[str, 
                 "trainable_parameters": log["trainable_parameters"],
                 "trainable_percent": log["trainable_percent"],
                 "peak_memory_bytes": log["peak_memory_bytes"],
+                "peak_memory_over_start_bytes": log["peak_memory_over_start_bytes"],
                 "tokens_per_second": log["tokens_per_second"],
                 "eval_loss_start": evals[0]["loss"],
                 "eval_loss_end": evals[-1]["loss"],
@@ -117,12 +118,16 @@ def run_bench_train(args: argparse.Namespace, model_dir: Path) -> dict[str, obje
         f"\nTraining: {args.steps} steps of {args.batch_size} rows of {args.data.name}; model {model_dir}; "
         f"{threads} threads; {platform.processor()}"
     )
-    print("| method | trainable params | % of model | peak RSS MiB | train tokens/s | % of full FT | held-out loss |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| method | trainable params | % of model | peak RSS MiB | above start MiB | train tokens/s | % of full FT "
+        "| held-out loss |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in training:
         print(
             f"| {r['method']} | {r['trainable_parameters']:,} | {r['trainable_percent']:.3f} | "
-            f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['tokens_per_second']:.0f} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['peak_memory_over_start_bytes'] / 2**20:.0f} | "
+            f"{r['tokens_per_second']:.0f} | "
             f"{r['throughput_percent_of_full']:.1f} | {r['eval_loss_start']:.2f} -> {r['eval_loss_end']:.2f} |"
         )
     workload = f"{args.num_requests} requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens, greedy"

@@ -20,15 +20,28 @@ def reset_peak(device: torch.device) -> None:
         _CLEAR_REFS.write_text("5")
 
 
+def current_bytes(device: torch.device) -> int:
+    """What the peak starts from: CUDA's allocated bytes, or the process's resident set (VmRSS)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return _status_kib("VmRSS:") * 1024
+
+
+def _status_kib(field: str) -> int:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+    if kib := _status_kib("VmHWM:"):
+        return kib * 1024
+    import resource  # not Linux: the process's lifetime peak
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 from .base import load_base
 from .config import TrainConfig, TrainKind
 from .data import IGNORE, Batch, Example, collate, read_rows, split, tokenize
-from .memory import peak_bytes, reset_peak
+from .memory import current_bytes, peak_bytes, reset_peak
 from .methods import peft_config
 
 LOG_FILE = "training_log.json"
@@ -106,6 +106,7 @@ def train(cfg: TrainConfig, overwrite: bool = False, device: str = "cpu") -> Tra
 
     torch.manual_seed(cfg.seed)  # adapter init and dropout
     reset_peak(dev)
+    start_bytes = current_bytes(dev)  # the interpreter, torch and the tokenised data, before the model
     model = load_base(cfg.model, cfg.quantize, device)
     if cfg.kind is TrainKind.FULL:
         for p in model.parameters():
@@ -165,7 +166,8 @@ def train(cfg: TrainConfig, overwrite: bool = False, device: str = "cpu") -> Tra
         "trainable_parameters": trainable,
         "total_parameters": total,
         "trainable_percent": 100.0 * trainable / total,
-        "peak_memory_bytes": peak_bytes(dev),
+        "peak_memory_bytes": (peak := peak_bytes(dev)),
+        "peak_memory_over_start_bytes": max(0, peak - start_bytes),  # the run's own memory: model, states, activations
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process peak RSS (VmHWM)",
         "train_seconds": train_seconds,
         "train_tokens": train_tokens,
@@ -183,7 +185,8 @@ def summary(result: TrainResult) -> str:
     lines = [
         f"trainable parameters: {log['trainable_parameters']:,} of {log['total_parameters']:,} "
         f"({log['trainable_percent']:.3f}%)",
-        f"peak memory: {log['peak_memory_bytes'] / 2**20:.1f} MiB ({log['peak_memory_kind']})",
+        f"peak memory: {log['peak_memory_bytes'] / 2**20:.1f} MiB ({log['peak_memory_kind']}), "
+        f"{log['peak_memory_over_start_bytes'] / 2**20:.1f} MiB above the process at start",
         f"throughput: {log['tokens_per_second']:.0f} tokens/s over {log['train_tokens']:,} tokens",
         f"held-out loss: {evals[0]:.4f} -> {evals[-1]:.4f}",
     ]

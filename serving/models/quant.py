@@ -148,7 +148,11 @@ def quantize_nf4(model: nn.Module, compute_dtype: torch.dtype, path: NF4Path = "
         module.base_matmul = nf4
         paths[nf4.path] += 1
     if paths["dequantize"] and paths["packed"]:
-        logger.info("NF4: %d layers use the packed bf16 kernel, %d dequantise (shapes it cannot pack)", *paths.values())
+        logger.info(
+            "NF4: %d layers use the packed bf16 kernel, %d dequantise (shapes it cannot pack)",
+            paths["packed"],
+            paths["dequantize"],
+        )
     return paths
 
 
