@@ -74,6 +74,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Add | _Abort | _Retire | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._pending_adds = 0  # requests sent to the step thread and not yet queued by the scheduler
+        self._pending_by_tenant: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -124,6 +125,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         with self._pending_lock:
             self._pending_adds += 1
+            self._pending_by_tenant[tenant] += 1
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, adapter_id, adapter, tenant))
         remaining = params.n
         try:
@@ -145,9 +147,11 @@ class AsyncEngine:
         if self.config.api_keys is None:
             return False
         waiting = list(self.engine.scheduler.waiting)
-        if len(waiting) + self._pending_adds < self.config.max_waiting // 2:
+        if len(waiting) + self._pending_adds < self.config.max_waiting / 2:
             return False
         counts = Counter(seq.tenant for seq in waiting)
+        with self._pending_lock:
+            counts.update(self._pending_by_tenant)
         counts[tenant] += 0
         return counts[tenant] >= self.config.max_waiting / (len(counts) + 1)
 
@@ -185,14 +189,18 @@ class AsyncEngine:
         if isinstance(cmd, _Retire):
             self.engine.retire_adapter(cmd.adapter_id)
             return
-        with self._pending_lock:
-            self._pending_adds -= 1
         try:
             self.engine.add_request(
                 cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id, cmd.adapter, cmd.tenant
             )
         except (ValueError, KeyError) as exc:
             self._send(cmd.request_id, exc)
+        finally:  # counted as pending until the scheduler holds it, so admission checks never miss it
+            with self._pending_lock:
+                self._pending_adds -= 1
+                self._pending_by_tenant[cmd.tenant] -= 1
+                if not self._pending_by_tenant[cmd.tenant]:
+                    del self._pending_by_tenant[cmd.tenant]
 
     def _run(self) -> None:
         while not self._stopping.is_set():
