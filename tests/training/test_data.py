@@ -70,3 +70,19 @@ def test_train_command_prints_its_figures(tiny_model_dir: Path, tmp_path: Path) 
     with pytest.raises(SystemExit):  # the same --out again: refused before training, the adapter kept
         main([*cmd[1:], "--out", str(tmp_path / "ia3")])
     assert (tmp_path / "ia3" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_tasks_parse_and_configure(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from switchboard.training.data import read_rows
+    from switchboard.training.demo import DEMO_TASKS, demo_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    kinds = set()
+    for name in DEMO_TASKS:
+        cfg = demo_config(name, tiny_model_dir, tmp_path)
+        assert cfg.out == tmp_path / name
+        assert len(read_rows(cfg.data, tok)) >= 200  # the committed JSONL files are well-formed
+        kinds.add(cfg.kind.value)
+    assert kinds == {"lora", "krona", "ia3", "prefix"}
