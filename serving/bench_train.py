@@ -109,6 +109,38 @@ def bench_serving(model_dir: Path, args: argparse.Namespace) -> dict[str, object
     return out
 
 
+def plot(report: dict, path: Path) -> None:
+    """Three panels: trainable share of the model, the run's own memory, and throughput as % of full fine-tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    rows = report["training"]["rows"]
+    labels = [r["method"] for r in rows]
+    panels = [
+        ("trainable parameters (% of model, log)", [r["trainable_percent"] for r in rows], True),
+        ("peak memory above start (MiB)", [r["peak_memory_over_start_bytes"] / 2**20 for r in rows], False),
+        ("training throughput (% of full fine-tuning)", [r["throughput_percent_of_full"] for r in rows], False),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, (title, values, log) in zip(axes, panels, strict=True):
+        ax.barh(labels, values, color=["#888"] + ["#3b7dd8"] * (len(values) - 1))
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_xscale("log")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].invert_yaxis()
+    serving = report["serving"]["results"]
+    ratios = ", ".join(f"{k} {v['ratio_to_bf16_paired']:.2f}" for k, v in serving.items())
+    fig.suptitle(
+        f"{report['model']}: PEFT kinds beside full fine-tuning; serving tokens/s vs bf16: {ratios}", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_bench_train(args: argparse.Namespace, model_dir: Path) -> dict[str, object]:
     training = bench_training(model_dir, args)
     print(f"[bench-train] serving: bf16 and NF4 bases, {args.repeats} paired rounds ...", flush=True)
@@ -148,5 +180,6 @@ def run_bench_train(args: argparse.Namespace, model_dir: Path) -> dict[str, obje
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nJSON: {args.out}")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"\nJSON: {args.out}; plot: {args.out.with_suffix('.png')}")
     return report

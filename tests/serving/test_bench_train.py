@@ -37,3 +37,4 @@ def test_bench_train_reports_every_method_and_the_nf4_ratio(tiny_model_dir: Path
     assert serving["bf16"]["ratio_to_bf16_paired"] == 1.0
     assert serving["nf4"]["base_weight_bytes"]["linear"] < 0.3 * serving["bf16"]["base_weight_bytes"]["linear"]
     assert json.loads(args.out.read_text())["serving"]["results"]["nf4"]["tokens_per_second"] > 0
+    assert args.out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
