@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_loadtest(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes (imported by peft) warns at import that Hugging Face's optional `kernels` package is missing (it
+    # would download a faster CPU GEMM from the hub); its own CPU kernels serve NF4 here, so keep that quiet.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         if args.command == "serve":
             _serve(args)
