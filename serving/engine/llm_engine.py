@@ -375,3 +375,18 @@ class LLMEngine:
                 if out.index == 0:
                     result[out.request_id].extend(out.new_token_ids)
         return [result[rid] for rid in ids]
+
+    def prompt_logits(self, prompt_token_ids: list[int], adapter_id: str | None = None) -> torch.Tensor:
+        """Logits at every prompt position through the serving path (one prefill step, adapters applied): what
+        parity checks against a reference model compare. The engine must be idle and the prompt fit one step."""
+        rid = f"probe-{next(self._ids)}"
+        self.add_request(rid, prompt_token_ids, SamplingParams(max_tokens=1, temperature=0.0), adapter_id)
+        try:
+            plan = self.scheduler.schedule()
+            self._write_prefixes([s.seq for s in plan.prefills])
+            ids, positions, meta, _ = self.runner.prepare(plan)
+            with torch.inference_mode():
+                hidden = self.model(ids, positions, self.kv_cache.data, meta, self.runner.adapter_batch(plan))
+                return self.model.logits(hidden)
+        finally:
+            self.abort_request(rid)

@@ -15,7 +15,7 @@ from switchboard.training.base import load_base
 from switchboard.training.config import TrainConfig
 from switchboard.training.trainer import TrainResult, train
 
-from .test_train import PROMPT, engine_logits
+from .test_train import PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_qlora_learns_and_our_nf4_engine_serves_it_like_peft(
     peft = PeftModel.from_pretrained(load_base(tiny_model_dir, "nf4"), result.out).eval()
     with torch.inference_mode():
         ref = peft(input_ids=torch.tensor([PROMPT])).logits[0]
-    assert (engine_logits(engine, PROMPT, kind) - ref).abs().max().item() <= 1e-4
+    assert (engine.prompt_logits(PROMPT, kind) - ref).abs().max().item() <= 1e-4
 
 
 def test_krona_on_nf4_is_refused_with_the_reason(tiny_model_dir: Path, persona_data: Path, tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
-from switchboard.serving.engine.request import SamplingParams
 from switchboard.training.config import TrainConfig
 from switchboard.training.trainer import LOG_FILE, TrainResult, train
 
@@ -22,17 +21,6 @@ from .conftest import KINDS
 PROMPT = [0, 45, 300, 12, 77, 401, 9, 230, 18, 64, 99, 150]
 
 
-def engine_logits(engine: LLMEngine, prompt: list[int], adapter_id: str | None) -> torch.Tensor:
-    """Logits at every prompt position through the serving path (one prefill step, adapters applied)."""
-    engine.add_request("probe", prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter_id)
-    plan = engine.scheduler.schedule()
-    engine._write_prefixes([s.seq for s in plan.prefills])
-    ids, positions, meta, _ = engine.runner.prepare(plan)
-    with torch.inference_mode():
-        hidden = engine.model(ids, positions, engine.kv_cache.data, meta, engine.runner.adapter_batch(plan))
-        logits = engine.model.logits(hidden)
-    engine.abort_request("probe")
-    return logits
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -82,7 +70,7 @@ def test_trained_adapter_served_by_our_engine_matches_peft(
         ref = peft(input_ids=torch.tensor([PROMPT])).logits[0]
         with peft.disable_adapter():
             plain = peft(input_ids=torch.tensor([PROMPT])).logits[0]
-    ours = engine_logits(engine, PROMPT, kind)
+    ours = engine.prompt_logits(PROMPT, kind)
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (ref - plain).abs().max().item() > 1e-1  # training really moved the adapter
 

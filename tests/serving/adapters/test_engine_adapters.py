@@ -25,17 +25,6 @@ def _engine(model_dir: Path, adapters: dict[str, Path], **kw) -> LLMEngine:
     return LLMEngine(ServeConfig(model=model_dir, dtype="float32", num_kv_blocks=256, adapters=adapters, **kw))
 
 
-def engine_logits(engine: LLMEngine, prompt: list[int], adapter_id: str | None) -> torch.Tensor:
-    """Logits at every prompt position through the serving path (one prefill step, adapters applied)."""
-    engine.add_request("probe", prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter_id)
-    plan = engine.scheduler.schedule()
-    engine._write_prefixes([s.seq for s in plan.prefills])
-    ids, positions, meta, _ = engine.runner.prepare(plan)
-    with torch.inference_mode():
-        hidden = engine.model(ids, positions, engine.kv_cache.data, meta, engine.runner.adapter_batch(plan))
-        logits = engine.model.logits(hidden)
-    engine.abort_request("probe")
-    return logits
 
 
 def _peft(model_dir: Path, adapter_dir: Path) -> PeftModel:
@@ -60,7 +49,7 @@ def test_logits_and_greedy_tokens_match_peft(
         ref_tokens = peft.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)
         with peft.disable_adapter():
             base = peft(input_ids=torch.tensor([PROMPT])).logits[0]
-    ours = engine_logits(engine, PROMPT, name)
+    ours = engine.prompt_logits(PROMPT, name)
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (ref - base).abs().max().item() > 1e-2  # the adapter really changes the output
     assert engine.generate([PROMPT], GREEDY, [name])[0] == ref_tokens[0, len(PROMPT) :].tolist()
@@ -91,8 +80,8 @@ def test_mixed_batch_of_every_kind_equals_each_request_alone(
 @pytest.mark.parametrize("name", ["lora", "lokr-full", "lokr-decomposed", "ia3"])
 def test_merged_equals_unmerged(name: str, engine: LLMEngine, tiny_model_dir: Path, peft_adapters) -> None:
     merged = _engine(tiny_model_dir, {name: peft_adapters[name]}, merge_adapter=name)
-    unmerged = engine_logits(engine, PROMPT, name)
-    assert (engine_logits(merged, PROMPT, name) - unmerged).abs().max().item() <= 1e-4
+    unmerged = engine.prompt_logits(PROMPT, name)
+    assert (merged.prompt_logits(PROMPT, name) - unmerged).abs().max().item() <= 1e-4
 
 
 def test_prefix_cannot_be_merged(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> None:

@@ -26,17 +26,6 @@ PROMPT = [0, 45, 300, 12, 77, 401, 9, 230, 18, 64, 99, 150]
 TOL = 1e-4
 
 
-def engine_logits(engine: LLMEngine, prompt: list[int], adapter_id: str | None) -> torch.Tensor:
-    """Logits at every prompt position through the serving path (one prefill step, adapters applied)."""
-    engine.add_request("probe", prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter_id)
-    plan = engine.scheduler.schedule()
-    engine._write_prefixes([s.seq for s in plan.prefills])
-    ids, positions, meta, _ = engine.runner.prepare(plan)
-    with torch.inference_mode():
-        hidden = engine.model(ids, positions, engine.kv_cache.data, meta, engine.runner.adapter_batch(plan))
-        logits = engine.model.logits(hidden)
-    engine.abort_request("probe")
-    return logits
 
 
 def _nf4_engine(model_dir: Path, adapters: dict[str, Path] | None = None, **kw) -> LLMEngine:
@@ -82,7 +71,7 @@ def test_nf4_codes_and_logits_match_transformers_load_in_4bit(engine: LLMEngine,
     with torch.inference_mode():
         ref = hf(input_ids=torch.tensor([PROMPT])).logits[0]
         dense_logits = dense(input_ids=torch.tensor([PROMPT])).logits[0]
-    got = engine_logits(engine, PROMPT, None)
+    got = engine.prompt_logits(PROMPT, None)
     assert (got - ref).abs().max().item() <= TOL
     assert (got - dense_logits).abs().max().item() > 0.1  # NF4 really is in the path
 
@@ -105,7 +94,7 @@ def test_adapters_on_nf4_match_peft_on_transformers_nf4(
         ref = peft(input_ids=torch.tensor([PROMPT])).logits[0]
         with peft.disable_adapter():
             base = peft(input_ids=torch.tensor([PROMPT])).logits[0]
-    got = engine_logits(engine, PROMPT, name)
+    got = engine.prompt_logits(PROMPT, name)
     assert (got - ref).abs().max().item() <= TOL
     assert (ref - base).abs().max().item() > 1e-2
 
@@ -119,7 +108,7 @@ def test_adapters_on_nf4_match_peft_on_the_dequantized_model(
     peft = PeftModel.from_pretrained(_dequantized_hf(tiny_model_dir, engine), peft_adapters[name]).eval()
     with torch.inference_mode():
         ref = peft(input_ids=torch.tensor([PROMPT])).logits[0]
-    assert (engine_logits(engine, PROMPT, name) - ref).abs().max().item() <= TOL
+    assert (engine.prompt_logits(PROMPT, name) - ref).abs().max().item() <= TOL
 
 
 @pytest.mark.skipif(not cpu_packing_available(), reason="needs a CPU with AVX-512 bf16")
