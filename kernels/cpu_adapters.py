@@ -42,6 +42,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <initializer_list>
 #include <cstring>
 #include <vector>
 
@@ -276,19 +277,32 @@ void scale_tokens(at::Tensor& x, const at::Tensor& token_slots, const at::Tensor
 
 }  // namespace
 
-void scale_gather(at::Tensor x, const at::Tensor& token_slots, const at::Tensor& V) {
-  TORCH_CHECK(x.device().is_cpu() && V.device().is_cpu() && token_slots.device().is_cpu(),
-              "the compiled (IA)3 scale runs on CPU tensors only");
-  const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x: float32, bfloat16 or float16");
-  TORCH_CHECK(V.scalar_type() == dt && V.dim() == 2 && V.is_contiguous(), "V must be a contiguous [S, n] of x's dtype");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == V.size(1), "x must be [T, n] with contiguous rows");
-  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.scalar_type() == at::kLong &&
-                  token_slots.is_contiguous(),
+// Checks every op makes before a thread reads anything: CPU tensors, a supported dtype shared by `tensors`, and
+// token slots that are a contiguous int64 [T] within [-1, num_slots).
+at::ScalarType check_dtype(std::initializer_list<const at::Tensor*> tensors, const char* what) {
+  const at::ScalarType dt = (*tensors.begin())->scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, what, ": float32, bfloat16 or float16");
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK(t->device().is_cpu(), "the compiled adapter ops run on CPU tensors only");
+    TORCH_CHECK(t->scalar_type() == dt, what, ": the tensors must share a dtype");
+  }
+  return dt;
+}
+
+void check_token_slots(const at::Tensor& token_slots, int64_t num_tokens, int64_t num_slots) {
+  TORCH_CHECK(token_slots.device().is_cpu() && token_slots.dim() == 1 && token_slots.size(0) == num_tokens &&
+                  token_slots.scalar_type() == at::kLong && token_slots.is_contiguous(),
               "token_slots must be a contiguous int64 [T]");
   const int64_t* ts = token_slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < x.size(0); ++t)
-    TORCH_CHECK(ts[t] >= -1 && ts[t] < V.size(0), "token_slots[", t, "] = ", ts[t], " is out of range");
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(ts[t] >= -1 && ts[t] < num_slots, "token_slots[", t, "] = ", ts[t], " is out of range");
+}
+
+void scale_gather(at::Tensor x, const at::Tensor& token_slots, const at::Tensor& V) {
+  const at::ScalarType dt = check_dtype({&x, &V}, "x and V");
+  TORCH_CHECK(V.dim() == 2 && V.is_contiguous(), "V must be a contiguous [S, n]");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) == V.size(1), "x must be [T, n] with contiguous rows");
+  check_token_slots(token_slots, x.size(0), V.size(0));
   switch (dt) {
     case at::kBFloat16: scale_tokens<c10::BFloat16>(x, token_slots, V); break;
     case at::kHalf: scale_tokens<c10::Half>(x, token_slots, V); break;
@@ -298,31 +312,23 @@ void scale_gather(at::Tensor x, const at::Tensor& token_slots, const at::Tensor&
 
 void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
                         at::TensorList Bs, at::IntArrayRef cols, at::IntArrayRef rows, int64_t r) {
-  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && A.device().is_cpu() && token_slots.device().is_cpu(),
-              "the compiled LoRA gather runs on CPU tensors only");
-  const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x: float32, bfloat16 or float16");
-  TORCH_CHECK(y.scalar_type() == dt && A.scalar_type() == dt, "y, x and A must share a dtype");
+  const at::ScalarType dt = check_dtype({&x, &y, &A}, "x, y and A");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0), "x [T, in] and y [T, out] expected");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
   TORCH_CHECK(A.dim() == 3 && A.is_contiguous() && A.size(1) == x.size(1), "A must be a contiguous [S, in, W]");
-  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.scalar_type() == at::kLong &&
-                  token_slots.is_contiguous(),
-              "token_slots must be a contiguous int64 [T]");
+  check_token_slots(token_slots, x.size(0), A.size(0));
   TORCH_CHECK(Bs.size() == cols.size() && Bs.size() == rows.size(), "one column and one h row offset per part");
   const int64_t S = A.size(0), W = A.size(2);
   std::vector<at::Tensor> parts;
   for (size_t p = 0; p < Bs.size(); ++p) {
     const at::Tensor& B = Bs[p];
-    TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && B.size(0) == S && B.size(1) == r && B.scalar_type() == dt,
-                "each B must be a contiguous [S, r, out] of x's dtype");
+    TORCH_CHECK(B.device().is_cpu() && B.dim() == 3 && B.is_contiguous() && B.size(0) == S && B.size(1) == r &&
+                    B.scalar_type() == dt,
+                "each B must be a contiguous CPU [S, r, out] of x's dtype");
     TORCH_CHECK(rows[p] >= 0 && rows[p] + r <= W, "part ", p, ": h rows out of range");
     TORCH_CHECK(cols[p] >= 0 && cols[p] + B.size(2) <= y.size(1), "part ", p, ": columns out of range");
     parts.push_back(B);
   }
-  const int64_t* ts = token_slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < x.size(0); ++t)
-    TORCH_CHECK(ts[t] >= -1 && ts[t] < S, "token_slots[", t, "] = ", ts[t], " is out of range");
   const std::vector<int64_t> c(cols.begin(), cols.end()), rw(rows.begin(), rows.end());
   switch (dt) {
     case at::kBFloat16: apply<c10::BFloat16>(y, x, token_slots, A, parts, c, rw, r); break;
@@ -333,25 +339,14 @@ void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& tok
 
 void kron_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& W1,
                  const at::Tensor& W2) {
-  TORCH_CHECK(y.device().is_cpu() && x.device().is_cpu() && W1.device().is_cpu() && W2.device().is_cpu() &&
-                  token_slots.device().is_cpu(),
-              "the compiled KronA gather runs on CPU tensors only");
-  const at::ScalarType dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x: float32, bfloat16 or float16");
-  TORCH_CHECK(y.scalar_type() == dt && W1.scalar_type() == dt && W2.scalar_type() == dt,
-              "y, x, W1 and W2 must share a dtype");
+  const at::ScalarType dt = check_dtype({&x, &y, &W1, &W2}, "x, y, W1 and W2");
   TORCH_CHECK(W1.dim() == 3 && W2.dim() == 3 && W1.is_contiguous() && W2.is_contiguous() && W1.size(0) == W2.size(0),
               "W1 [S, o1, i1] and W2 [S, o2, i2] must be contiguous");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0) && x.stride(1) == 1 && y.stride(1) == 1,
               "x [T, in] and y [T, out] with contiguous rows expected");
   TORCH_CHECK(x.size(1) == W1.size(2) * W2.size(2) && y.size(1) == W1.size(1) * W2.size(1),
               "x must have i1 * i2 columns and y o1 * o2");
-  TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == x.size(0) && token_slots.scalar_type() == at::kLong &&
-                  token_slots.is_contiguous(),
-              "token_slots must be a contiguous int64 [T]");
-  const int64_t* ts = token_slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < x.size(0); ++t)
-    TORCH_CHECK(ts[t] >= -1 && ts[t] < W1.size(0), "token_slots[", t, "] = ", ts[t], " is out of range");
+  check_token_slots(token_slots, x.size(0), W1.size(0));
   switch (dt) {
     case at::kBFloat16: kron_apply_tokens<c10::BFloat16>(y, x, token_slots, W1, W2); break;
     case at::kHalf: kron_apply_tokens<c10::Half>(y, x, token_slots, W1, W2); break;
@@ -425,6 +420,16 @@ def _require_built() -> None:
     reason = _built()
     if reason is not None:
         raise RuntimeError(f"the compiled adapter ops are not available: {reason}")
+
+
+def applies(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
+    """Whether the compiled ops can take these operands: `rows` (activations, outputs) CPU tensors with contiguous
+    rows, `whole` (slot stacks) contiguous, and the library built here. The torch paths take everything else."""
+    return (
+        all(t.device.type == "cpu" and t.stride(-1) == 1 for t in rows)
+        and all(t.is_contiguous() for t in whole)
+        and compiled_adapters_available()
+    )
 
 
 def compiled_adapters_available() -> bool:

@@ -76,7 +76,7 @@ def kron_apply(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> T
         y.
     """
     g = seg.gather
-    if g.num_tokens and _compiled_applies(y, x, W1, W2):
+    if g.num_tokens and cpu_adapters.applies((y, x), (W1, W2)):
         cpu_adapters.kron_gather(y, x, g.token_slots, W1, W2)
     elif g.covers_all and g.num_tokens:
         y.add_(_kron_gathered(x, W1, W2, g))
@@ -87,14 +87,3 @@ def kron_apply(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> T
         X = x[start:end].reshape(1, end - start, i1, i2)
         y[start:end] += _kron_grouped(X, W1[slot : slot + 1], W2[slot : slot + 1])[0]
     return y
-
-
-def _compiled_applies(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.stride(1) == 1
-        and y.stride(1) == 1
-        and W1.is_contiguous()
-        and W2.is_contiguous()
-        and cpu_adapters.compiled_adapters_available()
-    )

@@ -41,7 +41,7 @@ def segmented_scale(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
         x.
     """
     g = seg.gather
-    if g.num_tokens and x.device.type == "cpu" and x.stride(1) == 1 and V.is_contiguous() and _compiled():
+    if g.num_tokens and cpu_adapters.applies((x,), (V,)):
         cpu_adapters.scale_gather(x, g.token_slots, V)
     elif g.covers_all and g.num_tokens:
         x.mul_(V.index_select(0, g.slots))  # [T, n]: one gathered vector per token
@@ -66,7 +66,3 @@ def segmented_scaled(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
         out: [T, n], contiguous.
     """
     return segmented_scale(x.clone(memory_format=torch.contiguous_format), V, seg)
-
-
-def _compiled() -> bool:
-    return cpu_adapters.compiled_adapters_available()

@@ -209,10 +209,10 @@ def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], se
     """
     g = seg.gather
     if g.num_tokens:
-        if _compiled_applies(y, x, A, parts):
-            r = parts[0][0].shape[2]
-            storage = [(B.transpose(1, 2), col, row) for B, col, row in parts]
-            cpu_adapters.lora_packed_gather(y, x, g.token_slots, A.transpose(1, 2), storage, r)
+        A_storage = A.transpose(1, 2)  # k-major slots: these are the contiguous [S, in, W] and [S, r, out]
+        storage = [(B.transpose(1, 2), col, row) for B, col, row in parts]
+        if cpu_adapters.applies((y, x), (A_storage, *(B for B, _, _ in storage))):
+            cpu_adapters.lora_packed_gather(y, x, g.token_slots, A_storage, storage, parts[0][0].shape[2])
         else:
             h = lora_shrink(x, A, _gather_only(seg))
             for B, col, row in parts:
@@ -222,17 +222,6 @@ def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], se
         for B, col, row in parts:
             y[start:end, col : col + B.shape[1]].addmm_(h[:, row : row + B.shape[2]], B[slot].t())
     return y
-
-
-def _compiled_applies(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart]) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.stride(1) == 1
-        and y.stride(1) == 1
-        and is_k_major(A)
-        and all(is_k_major(B) for B, _, _ in parts)
-        and cpu_adapters.compiled_adapters_available()
-    )
 
 
 def _gather_only(seg: Segments) -> Segments:
