@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib.util
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import kron, scale, sgmv
 from .segments import Segments
-from .sgmv import PackedPart
+from .sgmv import PackedLora
 
 
 class Backend(enum.Enum):
@@ -38,7 +38,7 @@ class AdapterKernels:
     lora_shrink: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, A, seg) -> h
     lora_expand: Callable[[Tensor, Tensor, Tensor, Segments], Tensor]  # (y, h, B, seg) -> y
     lora_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, A, B, seg) -> y
-    lora_packed: Callable[[Tensor, Tensor, Tensor, Sequence[PackedPart], Segments], Tensor]  # (y, x, A, parts, seg)
+    lora_packed: Callable[[Tensor, Tensor, PackedLora, Segments], Tensor]  # (y, x, sgmv.pack_lora(A, parts), seg)
     kron_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, W1, W2, seg) -> y
     segmented_scale: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> x, in place
     segmented_scaled: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> new tensor
@@ -54,12 +54,12 @@ def _reference_scaled(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
 
 def _packed_from(
     shrink: Callable[[Tensor, Tensor, Segments], Tensor], expand: Callable[[Tensor, Tensor, Tensor, Segments], Tensor]
-) -> Callable[[Tensor, Tensor, Tensor, Sequence[PackedPart], Segments], Tensor]:
+) -> Callable[[Tensor, Tensor, PackedLora, Segments], Tensor]:
     """`lora_packed` as one shrink and an expand per part (h rounded to x's dtype in between)."""
 
-    def packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], seg: Segments) -> Tensor:
-        h = shrink(x, A, seg)
-        for B, col, row in parts:
+    def packed(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor:
+        h = shrink(x, lora.A, seg)
+        for B, col, row in lora.parts:
             expand(y[:, col : col + B.shape[1]], h[:, row : row + B.shape[2]], B, seg)
         return y
 

@@ -378,9 +378,16 @@ def lora_packed_gather(y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, par
         r: the padded rank.
     """
     _require_built()
-    torch.ops.switchboard.lora_packed_gather(
-        y, x, token_slots, A, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], r
-    )
+    return lora_packed_gather_lists(y, x, token_slots, A, [p[0] for p in parts], [p[1] for p in parts],
+                                    [p[2] for p in parts], r)
+
+
+def lora_packed_gather_lists(
+    y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, Bs: list[Tensor], cols: list[int], rows: list[int], r: int
+) -> Tensor:
+    """`lora_packed_gather` with the parts given as three lists, straight to the op (the per-linear hot path,
+    whose operands `sgmv.pack_lora` derived and checked once; the op itself checks every shape)."""
+    torch.ops.switchboard.lora_packed_gather(y, x, token_slots, A, Bs, cols, rows, r)
     return y
 
 
@@ -424,12 +431,18 @@ def _require_built() -> None:
 
 def applies(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
     """Whether the compiled ops can take these operands: `rows` (activations, outputs) CPU tensors with contiguous
-    rows, `whole` (slot stacks) contiguous, and the library built here. The torch paths take everything else."""
+    rows, `whole` (slot stacks) contiguous CPU tensors, and the library built here. The torch paths take everything
+    else."""
     return (
-        all(t.device.type == "cpu" and t.stride(-1) == 1 for t in rows)
-        and all(t.is_contiguous() for t in whole)
+        rows_apply(*rows)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in whole)
         and compiled_adapters_available()
     )
+
+
+def rows_apply(*rows: Tensor) -> bool:
+    """The per-call half of `applies`: activations and outputs are CPU tensors with contiguous rows."""
+    return all(t.device.type == "cpu" and t.stride(-1) == 1 for t in rows)
 
 
 def compiled_adapters_available() -> bool:

@@ -23,7 +23,7 @@ small bf16 matmul costs ~20 us on this CPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -173,25 +173,48 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, seg: Segments) -> Ten
 PackedPart = tuple[Tensor, int, int]  # (B [S, out, r_max], first column of the part in y, first row of its h)
 
 
-def lora_packed_ref(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], seg: Segments) -> Tensor:
+@dataclass(frozen=True, slots=True)
+class PackedLora:
+    """One packed linear's LoRA stacks (q|k|v, gate|up) as `lora_packed` takes them. Build it with `pack_lora`
+    when the stacks change (the slot cache does, per linear), not per call: a decode step calls `lora_packed` for
+    every linear, and deriving the compiled op's operands each time cost as much as the op's own call."""
+
+    A: Tensor  # [S, W, in], every part's rows (W = parts x r_max)
+    parts: tuple[PackedPart, ...]
+    # (A storage [S, in, W], B storages [S, r, out], columns, h rows, r) when the compiled CPU op takes these stacks
+    # (k-major CPU tensors and the op built here), else None.
+    compiled: tuple[Tensor, list[Tensor], list[int], list[int], int] | None
+
+
+def pack_lora(A: Tensor, parts: Sequence[PackedPart]) -> PackedLora:
+    """`A` and its parts, with the compiled op's operands derived once (see `PackedLora`)."""
+    A_storage = A.transpose(1, 2)  # k-major slots: these are the contiguous [S, in, W] and [S, r, out]
+    storages = [B.transpose(1, 2) for B, _, _ in parts]
+    compiled = None
+    if parts and cpu_adapters.applies((), (A_storage, *storages)):
+        compiled = (A_storage, storages, [col for _, col, _ in parts], [row for _, _, row in parts], parts[0][0].shape[2])
+    return PackedLora(A, tuple(parts), compiled)
+
+
+def lora_packed_ref(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor:
     """Reference for `lora_packed`: a float32 loop over tokens, h never rounded, in place on y."""
     for t, s in enumerate(seg.token_slots.tolist()):
         if s != NO_SLOT:
-            h = A[s].float() @ x[t].float()  # [W]
-            for B, col, row in parts:
+            h = lora.A[s].float() @ x[t].float()  # [W]
+            for B, col, row in lora.parts:
                 out, r = B.shape[1], B.shape[2]
                 y[t, col : col + out] = (y[t, col : col + out].float() + B[s].float() @ h[row : row + r]).to(y.dtype)
     return y
 
 
-def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], seg: Segments) -> Tensor:
+def lora_packed(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor:
     """LoRA on a packed linear (q|k|v, gate|up): one shrink for every part, then each part's expand, in place.
 
     Semantics:
         for t in range(T):
             if (s := seg.token_slots[t]) != -1:
-                h = A[s] @ x[t]                                   # [W]: every part's rows at once
-                for B, col, row in parts:
+                h = lora.A[s] @ x[t]                              # [W]: every part's rows at once
+                for B, col, row in lora.parts:
                     y[t, col : col + out] += B[s] @ h[row : row + r]
 
     On CPU tensors with k-major slots the gathered tokens go to the compiled op (`cpu_adapters`: one call for the
@@ -201,25 +224,24 @@ def lora_packed(y: Tensor, x: Tensor, A: Tensor, parts: Sequence[PackedPart], se
     Args:
         y: [T, out_total] packed output, updated in place.
         x: [T, in] activations.
-        A: [S, W, in] stacked down-projections of every part (W = parts x r_max), row-major or k-major.
-        parts: (B [S, out, r_max] with the scale folded in, first column in y, first row in W) per part.
+        lora: from `pack_lora(A, parts)`: A [S, W, in] stacked down-projections of every part (W = parts x r_max),
+            row-major or k-major; per part (B [S, out, r_max] with the scale folded in, first column in y, first
+            row in W).
         seg: the step's segments (T tokens).
     Returns:
         y.
     """
     g = seg.gather
     if g.num_tokens:
-        A_storage = A.transpose(1, 2)  # k-major slots: these are the contiguous [S, in, W] and [S, r, out]
-        storage = [(B.transpose(1, 2), col, row) for B, col, row in parts]
-        if cpu_adapters.applies((y, x), (A_storage, *(B for B, _, _ in storage))):
-            cpu_adapters.lora_packed_gather(y, x, g.token_slots, A_storage, storage, parts[0][0].shape[2])
+        if lora.compiled is not None and cpu_adapters.rows_apply(y, x):
+            cpu_adapters.lora_packed_gather_lists(y, x, g.token_slots, *lora.compiled)
         else:
-            h = lora_shrink(x, A, _gather_only(seg))
-            for B, col, row in parts:
+            h = lora_shrink(x, lora.A, _gather_only(seg))
+            for B, col, row in lora.parts:
                 lora_expand(y[:, col : col + B.shape[1]], h[:, row : row + B.shape[2]], B, _gather_only(seg))
     for start, end, slot in seg.long_runs:
-        h = x[start:end] @ A[slot].t()  # [n, W]
-        for B, col, row in parts:
+        h = x[start:end] @ lora.A[slot].t()  # [n, W]
+        for B, col, row in lora.parts:
             y[start:end, col : col + B.shape[1]].addmm_(h[:, row : row + B.shape[2]], B[slot].t())
     return y
 

@@ -29,6 +29,7 @@ from switchboard.adapters_store.kinds import (
     LoraAdapter,
     PrefixAdapter,
 )
+from switchboard.kernels.sgmv import PackedLora, pack_lora
 
 from .models.linear import AdapterLinear, LinearPart
 
@@ -99,6 +100,7 @@ class AdapterSlots:
         self.lora_A: dict[AdapterLinear, torch.Tensor] = {}  # [S, parts * r, in]
         self.lora_parts: dict[AdapterLinear, list[tuple[LinearPart, int]]] = {}  # part, first row in A
         self.lora_B: dict[Site, torch.Tensor] = {}  # [S, out, r]
+        self.lora_packed: dict[AdapterLinear, PackedLora] = {}  # lora_A and its parts as the kernels take them
         self.kron: dict[KronKey, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kron_by_site: dict[Site, list[KronKey]] = {}
         self.ia3: dict[Site, torch.Tensor] = {}
@@ -143,7 +145,8 @@ class AdapterSlots:
         return torch.zeros(self.max_resident, *shape, dtype=self.dtype, device=self.device)
 
     def _register_lora(self, adapter: LoraAdapter) -> None:
-        if adapter.rank > self.lora_rank:
+        changed = adapter.rank > self.lora_rank
+        if changed:
             self._grow_lora_rank(adapter.rank)
         r = self.lora_rank
         for lin in self.linears:
@@ -157,6 +160,16 @@ class AdapterSlots:
                 self.lora_parts[lin].append((part, j * r))
                 self.lora_parts[lin].sort(key=lambda pr: pr[1])
                 self.lora_B[site] = self._zeros(r, part.stop - part.start).transpose(1, 2)
+                changed = True
+        if changed:
+            self._pack_lora()
+
+    def _pack_lora(self) -> None:
+        """Re-derive each linear's `PackedLora` (new stacks, a new rank); cheap, and only on registration."""
+        self.lora_packed = {
+            lin: pack_lora(A, [(self.lora_B[(lin.layer_idx, p.name)], p.start, row) for p, row in self.lora_parts[lin]])
+            for lin, A in self.lora_A.items()
+        }
 
     def _grow_lora_rank(self, r: int) -> None:
         """Re-lay every LoRA stack at rank `r` (part j's rows move from j * old to j * r; new rows are zero)."""

@@ -32,32 +32,33 @@ class AdapterBatch:
         self.seg: dict[AdapterKind, Segments] = {
             kind: build_segments(ts, device) for kind, ts in token_slots.items() if any(s >= 0 for s in ts)
         }
+        # Looked up once here: every linear of the step asks.
+        self.lora = self.seg.get(AdapterKind.LORA)
+        self.krona = self.seg.get(AdapterKind.KRONA)
+        self.ia3 = self.seg.get(AdapterKind.IA3)
 
     def transform_input(self, linear: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
-        seg = self.seg.get(AdapterKind.IA3)
-        if seg is None:
+        if self.ia3 is None:
             return x
         for part in linear.parts:
             site = (linear.layer_idx, part.name)
             if site in self.slots.ia3_input_sites:  # input-scaled modules are never packed with others
-                x = self.k.segmented_scaled(x, self.slots.ia3[site], seg)
+                x = self.k.segmented_scaled(x, self.slots.ia3[site], self.ia3)
         return x
 
     def add_output(self, linear: AdapterLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lora = self.seg.get(AdapterKind.LORA)
-        krona = self.seg.get(AdapterKind.KRONA)
-        ia3 = self.seg.get(AdapterKind.IA3)
         s = self.slots
-        if lora is not None and linear in s.lora_A:
-            parts = [(s.lora_B[(linear.layer_idx, p.name)], p.start, row) for p, row in s.lora_parts[linear]]
-            self.k.lora_packed(y, x, s.lora_A[linear], parts, lora)  # one shrink for q|k|v, then each expand
+        if self.lora is not None and (packed := s.lora_packed.get(linear)) is not None:
+            self.k.lora_packed(y, x, packed, self.lora)  # one shrink for q|k|v, then each expand
+        if self.krona is None and self.ia3 is None:  # the common case ends here: no per-part views to make
+            return y
         for part in linear.parts:
             site = (linear.layer_idx, part.name)
             cols = y[:, part.start : part.stop]  # a view: kernels add or scale in place
-            if krona is not None:
+            if self.krona is not None:
                 for key in s.kron_by_site.get(site, ()):
                     W1, W2 = s.kron[key]
-                    self.k.kron_apply(cols, x, W1, W2, krona)
-            if ia3 is not None and site in s.ia3 and site not in s.ia3_input_sites:
-                self.k.segmented_scale(cols, s.ia3[site], ia3)
+                    self.k.kron_apply(cols, x, W1, W2, self.krona)
+            if self.ia3 is not None and site in s.ia3 and site not in s.ia3_input_sites:
+                self.k.segmented_scale(cols, s.ia3[site], self.ia3)
         return y

@@ -42,21 +42,38 @@ def _case(shape, pattern, dtype, make_slots, make_randn):
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_lora_packed_matches_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
     slots, x, A, parts, y = _case(shape, pattern, dtype, make_slots, make_randn)
-    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, build_segments(slots))
+    lora = sgmv.pack_lora(A, parts)
+    expected = sgmv.lora_packed_ref(y.clone(), x, lora, build_segments(slots))
+    row_major = sgmv.pack_lora(A.contiguous(), [(B.contiguous(), c, r) for B, c, r in parts])  # the torch path
     for min_run in (1, 8, 10**9):  # every run a matmul, the default split, every token gathered
         seg = build_segments(slots, min_gemm_run=min_run)
         out = y.clone()
-        assert sgmv.lora_packed(out, x, A, parts, seg) is out
+        assert sgmv.lora_packed(out, x, lora, seg) is out
         assert_close(out, expected, f"min_gemm_run={min_run}")
-        row_major = [(B.contiguous(), c, r) for B, c, r in parts]  # not k-major: the torch fallback
-        assert_close(sgmv.lora_packed(y.clone(), x, A.contiguous(), row_major, seg), expected, "row-major")
+        assert_close(sgmv.lora_packed(y.clone(), x, row_major, seg), expected, "row-major")
+
+
+def test_pack_lora_derives_the_compiled_operands_once(make_randn) -> None:
+    _, _, A, parts, _ = _case(SHAPES[0], "uniform", torch.float32, lambda p, T, S: [0], make_randn)
+    lora = sgmv.pack_lora(A, parts)
+    if not cpu_adapters.compiled_adapters_available():
+        assert lora.compiled is None
+        return
+    A_storage, Bs, cols, rows, r = lora.compiled
+    assert A_storage.is_contiguous() and A_storage.data_ptr() == A.data_ptr()  # the slots themselves, no copy
+    assert [B.data_ptr() for B in Bs] == [B.data_ptr() for B, _, _ in parts]
+    assert (cols, rows, r) == ([0, 512, 640], [0, 16, 32], 16)
+    row_major = sgmv.pack_lora(A.contiguous(), [(B.contiguous(), c, r) for B, c, r in parts])
+    assert row_major.compiled is None  # not k-major: the torch path
+    # Where the op cannot run on the activations (a transposed x) the torch path takes the call.
+    assert not cpu_adapters.rows_apply(torch.zeros(4, 512).t())
 
 
 @needs_compiled
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_compiled_op_matches_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
     slots, x, A, parts, y = _case(shape, pattern, dtype, make_slots, make_randn)
-    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, build_segments(slots))
+    expected = sgmv.lora_packed_ref(y.clone(), x, sgmv.pack_lora(A, parts), build_segments(slots))
     storage = [(B.transpose(1, 2), c, r) for B, c, r in parts]
     out = cpu_adapters.lora_packed_gather(
         y.clone(), x, torch.as_tensor(slots, dtype=torch.int64), A.transpose(1, 2), storage, shape[0]
@@ -95,7 +112,7 @@ def test_compiled_op_rejects_bad_inputs(make_randn) -> None:
 
 def test_every_backend_offers_the_packed_form(make_randn, assert_close) -> None:
     slots, x, A, parts, y = _case(SHAPES[1], "uniform", torch.float32, lambda p, T, S: [0, 1, -1, 3] * 6, make_randn)
-    seg = build_segments(slots)
-    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, seg)
+    seg, lora = build_segments(slots), sgmv.pack_lora(A, parts)
+    expected = sgmv.lora_packed_ref(y.clone(), x, lora, seg)
     for backend in (Backend.REFERENCE, Backend.TORCH):
-        assert_close(get_kernels(backend).lora_packed(y.clone(), x, A, parts, seg), expected, backend.value)
+        assert_close(get_kernels(backend).lora_packed(y.clone(), x, lora, seg), expected, backend.value)

@@ -147,7 +147,8 @@ def test_triton_backend_packed_linear_matches_reference(device, pattern, make_sl
         parts.append((make_randn(S, w, r, dtype=torch.float32, scale=r**-0.5, seed=3 + p).to(device), col, p * r))
         col += w
     y = make_randn(seg.num_tokens, col, dtype=torch.float32, seed=9).to(device)
-    expected = sgmv.lora_packed_ref(y.clone(), x, A, parts, seg)
+    lora = sgmv.pack_lora(A, parts)
+    expected = sgmv.lora_packed_ref(y.clone(), x, lora, seg)
     out = y.clone()
-    assert get_kernels(Backend.TRITON).lora_packed(out, x, A, parts, seg) is out
+    assert get_kernels(Backend.TRITON).lora_packed(out, x, lora, seg) is out
     assert_close(out, expected)
