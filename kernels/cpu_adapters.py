@@ -12,8 +12,9 @@ Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the
 the functions here take those storage tensors, not the transposed views the torch kernels take.
 
 KronA. The torch path groups tokens by slot into a padded batch for two bmm's, with permutes between them: about
-eight small ops per projection for a few thousand multiply-adds per token. The C++ op does each token in one pass:
-X = x[t] as [i1, i2], Z = X W2^T, y[t] += (W1 Z).flatten(), in float32.
+eight small ops per projection for a few thousand multiply-adds per token. The C++ op groups tokens by slot as for
+LoRA and, per block, takes Z = X W2^T for all the block's tokens as one register-tiled product (X = x[t] as
+[i1, i2] rows), then y[t] += (W1 Z_t).flatten() per token, in float32.
 
 - lora_packed_gather: LoRA on the tokens with a slot in `token_slots` (CPU tensors); its spec and test oracle is
   `sgmv.lora_packed_ref`, on the transposed views
@@ -93,6 +94,27 @@ struct Block {
   int64_t slot, begin, end;  // tokens order[begin:end] all use `slot`
 };
 
+// The tokens with a slot grouped by slot (ascending), in token order within a slot, into `order`; each group cut
+// into blocks of up to TB tokens, so that each weight row read from memory serves a block's tokens at once.
+std::vector<Block> group_by_slot(const at::Tensor& token_slots, std::vector<int64_t>& order) {
+  const int64_t T_ = token_slots.size(0);
+  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  std::vector<int64_t> used;
+  for (int64_t t = 0; t < T_; ++t)
+    if (ts[t] >= 0) used.push_back(ts[t]);
+  std::sort(used.begin(), used.end());
+  used.erase(std::unique(used.begin(), used.end()), used.end());
+  std::vector<Block> blocks;
+  for (int64_t s : used) {
+    const int64_t first = int64_t(order.size());
+    for (int64_t t = 0; t < T_; ++t)
+      if (ts[t] == s) order.push_back(t);
+    for (int64_t b = first; b < int64_t(order.size()); b += TB)
+      blocks.push_back({s, b, std::min<int64_t>(b + TB, int64_t(order.size()))});
+  }
+  return blocks;
+}
+
 // out[i, c0 : c0 + NC * V_] = in[i, :K] @ M[:K, c0 : c0 + NC * V_] for NT rows: NT x NC accumulators stay in
 // registers, and each weight row chunk is read once, contiguously, for all NT rows.
 template <int NT, int NC, typename T>
@@ -159,27 +181,21 @@ inline void add_into(T* dst, const float* src, int64_t n) {
   for (; c < n; ++c) dst[c] = T(static_cast<float>(dst[c]) + src[c]);
 }
 
+// dst[:n] = src[:n] in float32.
+template <typename T>
+inline void to_float(float* dst, const T* src, int64_t n) {
+  int64_t c = 0;
+  for (; c + V_ <= n; c += V_) store(dst + c, load(src + c));
+  for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+}
+
 template <typename T>
 void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
            const std::vector<at::Tensor>& Bs, const std::vector<int64_t>& cols, const std::vector<int64_t>& rows,
            int64_t r) {
-  const int64_t T_ = x.size(0), IN = x.size(1), W = A.size(2), P = int64_t(Bs.size());
-  const int64_t* ts = token_slots.data_ptr<int64_t>();
-  // Tokens grouped by slot, in token order within a slot, cut into blocks of up to TB tokens.
-  std::vector<int64_t> used;
-  for (int64_t t = 0; t < T_; ++t)
-    if (ts[t] >= 0) used.push_back(ts[t]);
-  std::sort(used.begin(), used.end());
-  used.erase(std::unique(used.begin(), used.end()), used.end());
+  const int64_t IN = x.size(1), W = A.size(2), P = int64_t(Bs.size());
   std::vector<int64_t> order;
-  std::vector<Block> blocks;
-  for (int64_t s : used) {
-    const int64_t first = int64_t(order.size());
-    for (int64_t t = 0; t < T_; ++t)
-      if (ts[t] == s) order.push_back(t);
-    for (int64_t b = first; b < int64_t(order.size()); b += TB)
-      blocks.push_back({s, b, std::min<int64_t>(b + TB, int64_t(order.size()))});
-  }
+  const std::vector<Block> blocks = group_by_slot(token_slots, order);
   int64_t max_out = 0;
   for (const auto& B : Bs) max_out = std::max(max_out, B.size(2));
   const T* xp = x.data_ptr<T>();
@@ -191,10 +207,7 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& blk = blocks[bi];
       const int64_t n = blk.end - blk.begin, s = blk.slot;
-      for (int64_t i = 0; i < n; ++i) {
-        const T* xr = xp + order[blk.begin + i] * x_st;
-        for (int64_t k = 0; k < IN; ++k) xf[i * IN + k] = static_cast<float>(xr[k]);
-      }
+      for (int64_t i = 0; i < n; ++i) to_float(xf.data() + i * IN, xp + order[blk.begin + i] * x_st, IN);
       // Shrink: h[i] = x[i] @ A[s] ([in] @ [in, W]), kept in float32.
       rows_matmul(xf.data(), IN, n, ap + s * IN * W, W, IN, W, h.data(), W);
       // Expand, per part: y[i, cols[p]:] += h[i, rows[p]:rows[p] + r] @ B_p[s] ([r] @ [r, out]).
@@ -211,47 +224,34 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
 template <typename T>
 void kron_apply_tokens(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& W1,
                        const at::Tensor& W2) {
-  const int64_t T_ = x.size(0), o1 = W1.size(1), i1 = W1.size(2), o2 = W2.size(1), i2 = W2.size(2);
-  const int64_t* ts = token_slots.data_ptr<int64_t>();
+  const int64_t o1 = W1.size(1), i1 = W1.size(2), o2 = W2.size(1), i2 = W2.size(2), IN = i1 * i2;
+  std::vector<int64_t> order;
+  const std::vector<Block> blocks = group_by_slot(token_slots, order);
   const T* xp = x.data_ptr<T>();
   const T* w1p = W1.data_ptr<T>();
   const T* w2p = W2.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const int64_t x_st = x.stride(0), y_st = y.stride(0);
-  at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> X(i1 * i2), w1(o1 * i1), w2t(i2 * o2), Z(i1 * o2), Y(o1 * o2);
+  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> X(TB * IN), w1(o1 * i1), w2t(i2 * o2), Z(TB * i1 * o2), Y(o1 * o2);
     int64_t loaded = -1;  // the slot whose factors w1 and w2t hold
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = ts[t];
-      if (s < 0) continue;
-      for (int64_t k = 0; k < i1 * i2; ++k) X[k] = static_cast<float>(xp[t * x_st + k]);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const Block& blk = blocks[bi];
+      const int64_t n = blk.end - blk.begin, s = blk.slot;
       if (s != loaded) {
-        for (int64_t k = 0; k < o1 * i1; ++k) w1[k] = static_cast<float>(w1p[s * o1 * i1 + k]);
+        to_float(w1.data(), w1p + s * o1 * i1, o1 * i1);
         for (int64_t c = 0; c < o2; ++c)  // W2 transposed, so that both products run along contiguous rows
           for (int64_t b = 0; b < i2; ++b) w2t[b * o2 + c] = static_cast<float>(w2p[(s * o2 + c) * i2 + b]);
         loaded = s;
       }
-      // Z[a, :] = sum_b X[a, b] W2^T[b, :]
-      std::fill(Z.begin(), Z.end(), 0.0f);
-      for (int64_t a = 0; a < i1; ++a)
-        for (int64_t b = 0; b < i2; ++b) {
-          const float xv = X[a * i2 + b];
-          float* zr = Z.data() + a * o2;
-          const float* wr = w2t.data() + b * o2;
-#pragma omp simd
-          for (int64_t c = 0; c < o2; ++c) zr[c] += xv * wr[c];
-        }
-      // Y[p, :] = sum_a W1[p, a] Z[a, :]
-      std::fill(Y.begin(), Y.end(), 0.0f);
-      for (int64_t p = 0; p < o1; ++p)
-        for (int64_t a = 0; a < i1; ++a) {
-          const float w = w1[p * i1 + a];
-          float* yr = Y.data() + p * o2;
-          const float* zr = Z.data() + a * o2;
-#pragma omp simd
-          for (int64_t c = 0; c < o2; ++c) yr[c] += w * zr[c];
-        }
-      add_into(yp + t * y_st, Y.data(), o1 * o2);
+      for (int64_t i = 0; i < n; ++i) to_float(X.data() + i * IN, xp + order[blk.begin + i] * x_st, IN);
+      // Z = X W2^T for every token of the block at once: X as [n * i1, i2] rows, Z as [n * i1, o2].
+      rows_matmul(X.data(), i2, n * i1, w2t.data(), o2, i2, o2, Z.data(), o2);
+      // Per token, Y = W1 Z ([o1, i1] @ [i1, o2]), added into y's row as Y.flatten().
+      for (int64_t i = 0; i < n; ++i) {
+        rows_matmul(w1.data(), i1, o1, Z.data() + i * i1 * o2, o2, i1, o2, Y.data(), o2);
+        add_into(yp + order[blk.begin + i] * y_st, Y.data(), o1 * o2);
+      }
     }
   });
 }
