@@ -192,7 +192,8 @@ def pack_lora(A: Tensor, parts: Sequence[PackedPart]) -> PackedLora:
     storages = [B.transpose(1, 2) for B, _, _ in parts]
     compiled = None
     if parts and cpu_adapters.applies((), (A_storage, *storages)):
-        compiled = (A_storage, storages, [col for _, col, _ in parts], [row for _, _, row in parts], parts[0][0].shape[2])
+        cols, rows = [col for _, col, _ in parts], [row for _, _, row in parts]
+        compiled = (A_storage, storages, cols, rows, parts[0][0].shape[2])
     return PackedLora(A, tuple(parts), compiled)
 
 
