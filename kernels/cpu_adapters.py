@@ -222,29 +222,28 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
   const T* ap = A.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const int64_t x_st = x.stride(0), y_st = y.stride(0);
-  // Shrink, all blocks first: h[j] = x[order[j]] @ A[slot] ([in] @ [in, W]), kept in float32. Threads take runs of
-  // blocks; with the slots in order each thread streams its A stacks as one sequence, which the hardware
-  // prefetchers follow across slots (interleaving the B reads of each slot broke that up).
-  std::vector<float> h(order.size() * W);
+  // Each thread takes a run of blocks and does all their shrinks, then, part by part, all their expands: with the
+  // slots in order it streams its A stacks, then each B stack, as one sequence each, which the hardware prefetchers
+  // follow across slots (alternating between A and the B's of every slot broke that up). A block's h stays with the
+  // thread that computed it.
   at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> xf(TB * IN);
+    // Shrink: h[j] = x[order[j]] @ A[slot] ([in] @ [in, W]) for the run's tokens j, kept in float32.
+    const int64_t j0 = blocks[b0].begin;
+    std::vector<float> xf(TB * IN), h((blocks[b1 - 1].end - j0) * W), delta(TB * max_out);
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& blk = blocks[bi];
       const int64_t n = blk.end - blk.begin;
       for (int64_t i = 0; i < n; ++i) to_float(xf.data() + i * IN, xp + order[blk.begin + i] * x_st, IN);
-      rows_matmul(xf.data(), IN, n, ap + blk.slot * IN * W, W, IN, W, h.data() + blk.begin * W, W);
+      rows_matmul(xf.data(), IN, n, ap + blk.slot * IN * W, W, IN, W, h.data() + (blk.begin - j0) * W, W);
     }
-  });
-  // Expand, part by part (again one stream per thread): y[order[j], cols[p]:] += h[j, rows[p]:rows[p] + r] @ B_p[slot].
-  at::parallel_for(0, int64_t(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> delta(TB * max_out);
+    // Expand, part by part: y[order[j], cols[p]:] += h[j, rows[p]:rows[p] + r] @ B_p[slot].
     for (int64_t p = 0; p < P; ++p) {
       const int64_t out = Bs[p].size(2);
       const T* bp = Bs[p].data_ptr<T>();
       for (int64_t bi = b0; bi < b1; ++bi) {
         const Block& blk = blocks[bi];
         const int64_t n = blk.end - blk.begin;
-        const float* hp = h.data() + blk.begin * W + rows[p];
+        const float* hp = h.data() + (blk.begin - j0) * W + rows[p];
         const T* B = bp + blk.slot * r * out;
         if (n <= 2)  // few tokens: read B's rows in order (a column tile would jump between its r rows)
           rows_matmul_by_row(hp, W, n, B, out, r, out, delta.data(), out);
