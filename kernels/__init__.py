@@ -7,6 +7,8 @@ loaded on demand by `backend.get_kernels(Backend.TRITON)`).
 - scale: (IA)3 segmented scaling
 - backend: `Backend`, `AdapterKernels`, `get_kernels`, `default_backend`
 - bench: `python -m switchboard.kernels.bench`
+- bench_stream: `python -m switchboard.kernels.bench_stream`, how fast the compiled LoRA op reads adapter weights
+  from memory, against a plain read of the same tensors
 """
 
 from .backend import AdapterKernels, Backend, BackendUnavailable, default_backend, get_kernels
