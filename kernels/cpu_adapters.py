@@ -478,7 +478,10 @@ def applies(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
 
 def rows_apply(*rows: Tensor) -> bool:
     """The per-call half of `applies`: activations and outputs are CPU tensors with contiguous rows."""
-    return all(t.device.type == "cpu" and t.stride(-1) == 1 for t in rows)
+    for t in rows:  # a plain loop and `is_cpu`: called for every linear of every step
+        if not t.is_cpu or t.stride(-1) != 1:
+            return False
+    return True
 
 
 def compiled_adapters_available() -> bool:
