@@ -478,10 +478,7 @@ def applies(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
 
 def rows_apply(*rows: Tensor) -> bool:
     """The per-call half of `applies`: activations and outputs are CPU tensors with contiguous rows."""
-    for t in rows:  # a plain loop and `is_cpu`: called for every linear of every step
-        if not t.is_cpu or t.stride(-1) != 1:
-            return False
-    return True
+    return all(t.is_cpu and t.stride(-1) == 1 for t in rows)  # `is_cpu`: no device object per linear and step
 
 
 def compiled_adapters_available() -> bool:
