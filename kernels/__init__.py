@@ -23,6 +23,7 @@ from .sgmv import (
     lora_expand_ref,
     lora_shrink,
     lora_shrink_ref,
+    to_k_major,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "segmented_scale",
     "segmented_scale_ref",
     "segmented_scaled",
+    "to_k_major",
 ]

@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     W = torch.randn(d, d, dtype=dtype, device=device) / d**0.5
     A = torch.randn(S, r, d, dtype=dtype, device=device) / d**0.5  # row-major [S, r, in]
     B = torch.randn(S, d, r, dtype=dtype, device=device) / r**0.5  # row-major [S, out, r]
-    A_k = A.transpose(1, 2).contiguous().transpose(1, 2)  # k-major: a view of [S, in, r]
-    B_k = B.transpose(1, 2).contiguous().transpose(1, 2)  # k-major: a view of [S, r, out]
+    A_k = sgmv.to_k_major(A)  # a view of [S, in, r]
+    B_k = sgmv.to_k_major(B)  # a view of [S, r, out]
     W1 = torch.randn(S, 8, 8, dtype=dtype, device=device) / 8**0.5  # KronA 512 = 8 x 64
     W2 = torch.randn(S, d // 8, d // 8, dtype=dtype, device=device) / (d // 8) ** 0.5
     V = torch.randint(0, 2, (S, d), device=device).to(dtype) * 2 - 1  # +-1: y keeps its scale over many calls

@@ -63,6 +63,11 @@ def is_k_major(W: Tensor) -> bool:
     return W.transpose(1, 2).is_contiguous()
 
 
+def to_k_major(W: Tensor) -> Tensor:
+    """The same values as W [S, m, k], laid out k-major: the transposed view of a contiguous [S, k, m] copy."""
+    return W.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _grouped(W: Tensor, g: Gather) -> Tensor:
     """The distinct slots' weights, [U, ...]: a view when they are slots 0..U-1, else a copy of U slots."""
     return W[: g.distinct.numel()] if g.all_slots else W.index_select(0, g.distinct)

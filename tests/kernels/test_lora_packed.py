@@ -20,19 +20,15 @@ needs_compiled = pytest.mark.skipif(
 )
 
 
-def k_major(W: torch.Tensor) -> torch.Tensor:
-    return W.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _case(shape, pattern, dtype, make_slots, make_randn):
     r, d_in, widths, S, T = shape
     slots = make_slots(pattern, T, S)
     T = len(slots)
     x = make_randn(T, d_in, dtype=dtype, seed=1)
-    A = k_major(make_randn(S, len(widths) * r, d_in, dtype=dtype, scale=d_in**-0.5, seed=2))
+    A = sgmv.to_k_major(make_randn(S, len(widths) * r, d_in, dtype=dtype, scale=d_in**-0.5, seed=2))
     parts, col = [], 0
     for p, w in enumerate(widths):
-        B = k_major(make_randn(S, w, r, dtype=dtype, scale=r**-0.5, seed=3 + p))
+        B = sgmv.to_k_major(make_randn(S, w, r, dtype=dtype, scale=r**-0.5, seed=3 + p))
         parts.append((B, col, p * r))
         col += w
     y = make_randn(T, col, dtype=dtype, seed=9)
@@ -83,8 +79,8 @@ def test_compiled_op_matches_reference(shape, pattern, dtype, make_slots, make_r
 
 @needs_compiled
 def test_compiled_op_writes_only_its_tokens_and_columns(make_randn) -> None:
-    x, A = make_randn(5, 32, dtype=torch.float32), k_major(make_randn(2, 4, 32, dtype=torch.float32))
-    B = k_major(make_randn(2, 8, 4, dtype=torch.float32))
+    x, A = make_randn(5, 32, dtype=torch.float32), sgmv.to_k_major(make_randn(2, 4, 32, dtype=torch.float32))
+    B = sgmv.to_k_major(make_randn(2, 8, 4, dtype=torch.float32))
     wide = make_randn(5, 20, dtype=torch.float32, seed=3)
     y = wide[:, 6:]  # a column slice with a row stride: the part lands at column 2 of the slice
     before = wide.clone()

@@ -14,18 +14,13 @@ from switchboard.kernels import (
     lora_shrink,
     lora_shrink_ref,
 )
-from switchboard.kernels.sgmv import is_k_major
+from switchboard.kernels.sgmv import is_k_major, to_k_major
 
 # (rank, in, out, slots, tokens): ranks 1..64, hidden sizes 64 / 512 / 1376, 1 / 4 / 32 adapters
 SHAPES = [(1, 64, 512, 1, 16), (8, 512, 64, 4, 24), (16, 1376, 512, 32, 40), (64, 512, 1376, 4, 33)]
 SHAPE_IDS = [f"r{r}-in{i}-out{o}-S{s}" for r, i, o, s, _ in SHAPES]
 # The torch path's forms: every adapted run its own matmul (SGMV), the default split, every token gathered.
 MIN_GEMM_RUNS = {"sgmv": 1, "auto": 8, "gather": 10**9}
-
-
-def k_major(W: torch.Tensor) -> torch.Tensor:
-    """The same values laid out k-major: the transposed view of a contiguous [S, k, m] tensor."""
-    return W.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _case(shape, pattern, dtype, make_slots, make_randn):
@@ -45,7 +40,7 @@ def test_lora_apply_matches_reference(shape, pattern, dtype, make_slots, make_ra
     expected = lora_apply_ref(y.clone(), x, A, B, build_segments(slots))
     for form, min_run in MIN_GEMM_RUNS.items():
         seg = build_segments(slots, min_gemm_run=min_run)
-        for layout, (A_, B_) in {"row-major": (A, B), "k-major": (k_major(A), k_major(B))}.items():
+        for layout, (A_, B_) in {"row-major": (A, B), "k-major": (to_k_major(A), to_k_major(B))}.items():
             out = y.clone()
             assert lora_apply(out, x, A_, B_, seg) is out
             assert_close(out, expected, f"{form} form, {layout} slots")
@@ -55,7 +50,7 @@ def test_lora_apply_matches_reference(shape, pattern, dtype, make_slots, make_ra
 def test_shrink_and_expand_match_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
     slots, x, A, B, y = _case(shape, pattern, dtype, make_slots, make_randn)
     seg = build_segments(slots, min_gemm_run=8)
-    for A_, B_ in ((A, B), (k_major(A), k_major(B))):
+    for A_, B_ in ((A, B), (to_k_major(A), to_k_major(B))):
         h = lora_shrink(x, A_, seg)
         assert_close(h, lora_shrink_ref(x, A, seg))
         assert_close(lora_expand(y.clone(), h, B_, seg), lora_expand_ref(y.clone(), h, B, seg))
@@ -63,7 +58,7 @@ def test_shrink_and_expand_match_reference(shape, pattern, dtype, make_slots, ma
 
 def test_k_major_layout_is_recognised() -> None:
     A = torch.zeros(4, 8, 32)
-    assert not is_k_major(A) and is_k_major(k_major(A)) and is_k_major(torch.zeros(4, 32, 8).transpose(1, 2))
+    assert not is_k_major(A) and is_k_major(to_k_major(A)) and is_k_major(torch.zeros(4, 32, 8).transpose(1, 2))
     assert is_k_major(torch.zeros(4, 1, 32))  # rank 1: both layouts are the same memory
 
 
@@ -87,7 +82,7 @@ def test_output_may_be_a_column_slice_of_a_packed_output(slots, min_run, make_ra
     T = len(slots)
     x = make_randn(T, 128, dtype=torch.float32)
     A, B = make_randn(3, 8, 128, dtype=torch.float32, scale=0.1), make_randn(3, 64, 8, dtype=torch.float32)
-    for A_, B_ in ((A, B), (k_major(A), k_major(B))):
+    for A_, B_ in ((A, B), (to_k_major(A), to_k_major(B))):
         qkv = make_randn(T, 192, dtype=torch.float32, seed=6)
         expected = qkv.clone()
         lora_apply_ref(expected[:, 64:128], x, A, B, seg)

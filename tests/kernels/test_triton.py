@@ -18,6 +18,7 @@ from switchboard.kernels import (
     lora_apply_ref,
     lora_shrink_ref,
     segmented_scale_ref,
+    to_k_major,
     triton_scale,
     triton_sgmv,
 )
@@ -73,8 +74,7 @@ def test_triton_lora_matches_reference(device, dtype, pattern, shape, make_slots
     _skip_interpreted_bf16_dot(device, dtype)
     seg, x, A, B, y = _lora_case(shape, pattern, dtype, device, make_slots, make_randn)
     expected_h, expected = lora_shrink_ref(x, A, seg), lora_apply_ref(y.clone(), x, A, B, seg)
-    k_major = A.transpose(1, 2).contiguous().transpose(1, 2), B.transpose(1, 2).contiguous().transpose(1, 2)
-    for layout, (A_, B_) in {"row-major": (A, B), "k-major": k_major}.items():
+    for layout, (A_, B_) in {"row-major": (A, B), "k-major": (to_k_major(A), to_k_major(B))}.items():
         assert_close(triton_sgmv.triton_lora_shrink(x, A_, seg), expected_h, f"shrink, {layout} slots")
         out = y.clone()
         assert triton_sgmv.triton_lora_apply(out, x, A_, B_, seg) is out
