@@ -77,6 +77,29 @@ def test_mixed_batch_of_every_kind_equals_each_request_alone(
     assert len({tuple(t) for t in alone}) > 8  # adapters give different continuations
 
 
+def test_a_steps_adapter_batch_is_reused_only_while_the_batch_is_the_same(
+    engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+    build = engine.runner._build_adapter_batch
+    monkeypatch.setattr(engine.runner, "_build_adapter_batch", lambda scheduled: built.append(1) or build(scheduled))
+    batches = []
+    run = engine.runner.adapter_batch
+    monkeypatch.setattr(engine.runner, "adapter_batch", lambda step: batches.append(run(step)) or batches[-1])
+    # Two requests whose prompts take one prefill step, then 5 decode steps of the same two tokens; the shorter one
+    # ends after 2 decode steps, which changes the batch.
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 3)]
+    for i, (p, name) in enumerate(zip(params, ["lora", "ia3"], strict=True)):
+        engine.add_request(f"reuse-{i}", PROMPT, p, name)
+    while engine.has_unfinished():
+        engine.step()
+    prefill, *decodes = batches
+    assert prefill is not None and all(b is not None for b in decodes)
+    assert len({id(b) for b in decodes}) == 2  # both requests, then the longer one alone
+    assert len(built) == 3 and prefill is not decodes[0]
+    assert decodes[0] is decodes[1] and decodes[-1] is not decodes[0]
+
+
 @pytest.mark.parametrize("name", ["lora", "lokr-full", "lokr-decomposed", "ia3"])
 def test_merged_equals_unmerged(name: str, engine: LLMEngine, tiny_model_dir: Path, peft_adapters) -> None:
     merged = _engine(tiny_model_dir, {name: peft_adapters[name]}, merge_adapter=name)
