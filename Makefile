@@ -48,6 +48,7 @@ profile: demo-model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check serving adapters_store kernels loadtest training tests
+	$(VENV)/bin/ruff format --check serving adapters_store kernels loadtest training tests
 
 clean:
 	rm -rf $(VENV) .cache bench-results

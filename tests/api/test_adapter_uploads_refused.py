@@ -132,7 +132,7 @@ def test_a_streamed_body_over_the_limit_is_cut_off(http: httpx.Client, store_dir
     def body():
         yield f'--{boundary}\r\nContent-Disposition: form-data; name="adapter_id"\r\n\r\nbig\r\n'.encode()
         yield (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{WEIGHTS_FILE}\"; "
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{WEIGHTS_FILE}"; '
             f'filename="{WEIGHTS_FILE}"\r\nContent-Type: application/octet-stream\r\n\r\n'
         ).encode()
         for _ in range(40):

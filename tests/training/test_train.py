@@ -21,8 +21,6 @@ from .conftest import KINDS
 PROMPT = [0, 45, 300, 12, 77, 401, 9, 230, 18, 64, 99, 150]
 
 
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_held_out_loss_falls_by_half(kind: str, trained: dict[str, TrainResult]) -> None:
     losses = trained[kind].eval_losses

@@ -25,8 +25,6 @@ def _engine(model_dir: Path, adapters: dict[str, Path], **kw) -> LLMEngine:
     return LLMEngine(ServeConfig(model=model_dir, dtype="float32", num_kv_blocks=256, adapters=adapters, **kw))
 
 
-
-
 def _peft(model_dir: Path, adapter_dir: Path) -> PeftModel:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()

@@ -26,8 +26,6 @@ PROMPT = [0, 45, 300, 12, 77, 401, 9, 230, 18, 64, 99, 150]
 TOL = 1e-4
 
 
-
-
 def _nf4_engine(model_dir: Path, adapters: dict[str, Path] | None = None, **kw) -> LLMEngine:
     config = ServeConfig(
         model=model_dir, dtype="float32", quantize="nf4", num_kv_blocks=64, adapters=adapters or {}, **kw
