@@ -199,14 +199,19 @@ def run_bench_adapters(args: argparse.Namespace, model_dir: Path) -> dict:
         )
         vocab = 256
         prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(args.num_requests)]
-        # Each measurement on a fresh server: the LoRA slot stacks grow with what was registered (the cold-start
-        # adapters' rank 16 on every linear would otherwise widen every later batch's adapter work).
-        with running_server(config) as url:
-            asyncio.run(_load(url, _bodies([ids[0]] * 8, prompts[:8], 4), 4))  # warm-up: compile paths, caches
+
+        @contextmanager
+        def warm_server() -> Iterator[str]:
+            """Each measurement on a fresh server: the LoRA slot stacks grow with what was registered (the
+            cold-start adapters' rank 16 on every linear would otherwise widen every later batch's adapter work)."""
+            with running_server(config) as url:
+                asyncio.run(_load(url, _bodies([ids[0]] * 8, prompts[:8], 4), 4))  # warm-up: compile paths, caches
+                yield url
+
+        with warm_server() as url:
             print("cold start ...", flush=True)
             results["cold_start"] = cold_start(url, base, prompts[0], args.trials)
-        with running_server(config) as url:
-            asyncio.run(_load(url, _bodies([ids[0]] * 8, prompts[:8], 4), 4))
+        with warm_server() as url:
             print("throughput: one adapter, then uniform over all ...", flush=True)
             single = asyncio.run(
                 _load(url, _bodies([ids[0]] * args.num_requests, prompts, args.max_tokens), args.slots)
@@ -225,8 +230,7 @@ def run_bench_adapters(args: argparse.Namespace, model_dir: Path) -> dict:
                 "ratio": uniform["tokens_per_s"] / single["tokens_per_s"],
                 "ratio_resident": distinct["tokens_per_s"] / single["tokens_per_s"],
             }
-        with running_server(config) as url:
-            asyncio.run(_load(url, _bodies([ids[0]] * 8, prompts[:8], 4), 4))
+        with warm_server() as url:
             print("eviction cliff: all resident, then twice as many adapters as slots ...", flush=True)
             concurrency = 2 * args.slots
             resident = ids[: args.slots]
