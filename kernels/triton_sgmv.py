@@ -17,6 +17,40 @@ from .segments import Segments
 
 
 @triton.jit
+def _segment_tile(starts_ptr, slots_ptr, BLOCK_M: tl.constexpr):
+    # This program's token tile of segment program_id(0): (slot, token rows, their mask, whether the tile is past
+    # the segment's end).
+    g = tl.program_id(0)
+    slot = tl.load(slots_ptr + g)
+    start = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)  # token rows (int64)
+    return slot, offs_m, offs_m < end, m0 >= end
+
+
+@triton.jit
+def _masked_dot(
+    lhs_ptrs, rhs_ptrs, mask_rows, mask_cols, offs_i, inner, lhs_step, rhs_step,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # sum over the inner dimension of lhs [rows, inner] @ rhs [inner, cols], BLOCK_I at a time, in float32; lanes
+    # past `inner` (and masked rows and columns) read as zero.
+    acc = tl.full((BLOCK_ROWS, BLOCK_COLS), 0.0, dtype=tl.float32)
+    for i0 in range(0, inner, BLOCK_I):
+        mask_i = offs_i < inner - i0
+        lt = tl.load(lhs_ptrs, mask=mask_rows[:, None] & mask_i[None, :], other=0.0)
+        rt = tl.load(rhs_ptrs, mask=mask_i[:, None] & mask_cols[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(lt, rt, input_precision="ieee")
+        else:
+            acc += tl.dot(lt, rt)
+        lhs_ptrs += lhs_step
+        rhs_ptrs += rhs_step
+    return acc
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, h_ptr, starts_ptr, slots_ptr,
     in_features, rank,
@@ -24,33 +58,20 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     # h[t, r] = sum_k x[t, k] * A[slot, r, k] for the tokens t of segment g (h is contiguous: allocated on launch)
-    g = tl.program_id(0)
-    slot = tl.load(slots_ptr + g)
+    slot, offs_m, mask_m, past_end = _segment_tile(starts_ptr, slots_ptr, BLOCK_M)
     if slot < 0:
         return
-    start = tl.load(starts_ptr + g)
-    end = tl.load(starts_ptr + g + 1)
-    m0 = start + tl.program_id(1) * BLOCK_M
-    if m0 >= end:
+    if past_end:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)  # token rows (int64)
     offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < end
     mask_r = offs_r < rank
     x_ptrs = x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # [BLOCK_K, BLOCK_R]
-    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        mask_k = offs_k < in_features - k0
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(xt, at, input_precision="ieee")
-        else:
-            acc += tl.dot(xt, at)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc = _masked_dot(
+        x_ptrs, a_ptrs, mask_m, mask_r, offs_k, in_features, BLOCK_K * stride_xk, BLOCK_K * stride_ak,
+        BLOCK_M, BLOCK_R, BLOCK_K, IEEE,
+    )  # fmt: skip
     h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :]
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
@@ -63,33 +84,20 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     # y[t, n] += sum_r h[t, r] * B[slot, n, r] for the tokens t of segment g
-    g = tl.program_id(0)
-    slot = tl.load(slots_ptr + g)
+    slot, offs_m, mask_m, past_end = _segment_tile(starts_ptr, slots_ptr, BLOCK_M)
     if slot < 0:
         return
-    start = tl.load(starts_ptr + g)
-    end = tl.load(starts_ptr + g + 1)
-    m0 = start + tl.program_id(1) * BLOCK_M
-    if m0 >= end:
+    if past_end:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < end
     mask_n = offs_n < out_features
     h_ptrs = h_ptr + offs_m[:, None] * stride_ht + offs_r[None, :] * stride_hr  # [BLOCK_M, BLOCK_R]
     b_ptrs = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br  # [BLOCK_R, BLOCK_N]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        mask_r = offs_r < rank - r0
-        ht = tl.load(h_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(ht, bt, input_precision="ieee")
-        else:
-            acc += tl.dot(ht, bt)
-        h_ptrs += BLOCK_R * stride_hr
-        b_ptrs += BLOCK_R * stride_br
+    acc = _masked_dot(
+        h_ptrs, b_ptrs, mask_m, mask_n, offs_r, rank, BLOCK_R * stride_hr, BLOCK_R * stride_br,
+        BLOCK_M, BLOCK_N, BLOCK_R, IEEE,
+    )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_yt + offs_n[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
