@@ -8,7 +8,10 @@ block's shrink (h = x A^T in float32, never rounded; each of the slot's A rows r
 then, part by part, every block's expand, adding the delta into the part's columns of y in place. Shrinks first and
 parts one after another make each thread read one sequence of stacks (slot after slot) rather than alternating
 between A and three B's per slot; with 32 distinct adapters, where the weights come from memory, the op went from
-about 23 GB/s to about 33 GB/s, this machine's streaming rate (a `sum` over 128 MiB). Long runs (prefill chunks)
+about 23 GB/s to about 33 GB/s, this machine's streaming rate (a `sum` over 128 MiB). Weights a call reads once
+(a slot whose tokens fit one block, as with 32 distinct adapters) are prefetched non-temporally a little ahead, so
+that the stream evicts less of what the rest of the step keeps in L2 and L3 (`bench_stream` shows the working set it
+leaves; in the engine, 32 distinct all-linear adapters cost about 0.12 ms a step less). Long runs (prefill chunks)
 stay on the GEMM path, which does them better.
 
 Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the layout `AdapterSlots` allocates);
@@ -54,6 +57,16 @@ namespace {
 
 constexpr int64_t TB = 8;  // tokens per block: each weight row read from memory serves up to TB tokens
 constexpr int64_t V_ = 16;  // floats per vector (one AVX-512 register, two AVX2 ones)
+constexpr int64_t PF = 1024;  // bytes ahead of the reads that streamed weights are prefetched
+
+// Weights that a call reads once (a slot whose tokens fit one block) are fetched ahead with a non-temporal prefetch
+// (prefetchnta), so that streaming every adapter's stacks does not evict the rest of the step's working set (the
+// interpreter's objects, activations, the next matmul's operands) from L2 and L3. Hints only: the arithmetic is the
+// same. `ahead` walks forward over [ahead, until + PF), 64-byte line by line.
+inline void stream_ahead(const char*& ahead, const void* until) {
+  const char* want = static_cast<const char*>(until) + PF;
+  for (; ahead < want; ahead += 64) __builtin_prefetch(ahead, 0, 0);
+}
 
 // GCC/Clang vector extensions: 16 floats per value, compiled to the widest vectors -march=native offers.
 typedef float vf __attribute__((vector_size(4 * V_)));
@@ -95,6 +108,7 @@ inline void store(c10::Half* p, vf v) {
 
 struct Block {
   int64_t slot, begin, end;  // tokens order[begin:end] all use `slot`
+  bool once;  // the slot's only block: its weights are read once in the call, so they are streamed
 };
 
 // The tokens with a slot grouped by slot (ascending), in token order within a slot, into `order`; each group cut
@@ -112,19 +126,22 @@ std::vector<Block> group_by_slot(const at::Tensor& token_slots, std::vector<int6
     const int64_t first = int64_t(order.size());
     for (int64_t t = 0; t < T_; ++t)
       if (ts[t] == s) order.push_back(t);
-    for (int64_t b = first; b < int64_t(order.size()); b += TB)
-      blocks.push_back({s, b, std::min<int64_t>(b + TB, int64_t(order.size()))});
+    const int64_t last = int64_t(order.size());
+    for (int64_t b = first; b < last; b += TB) blocks.push_back({s, b, std::min(b + TB, last), last - first <= TB});
   }
   return blocks;
 }
 
 // out[i, c0 : c0 + NC * V_] = in[i, :K] @ M[:K, c0 : c0 + NC * V_] for NT rows: NT x NC accumulators stay in
-// registers, and each weight row chunk is read once, contiguously, for all NT rows.
-template <int NT, int NC, typename T>
+// registers, and each weight row chunk is read once, contiguously, for all NT rows. STREAM: the tile reads whole
+// rows of M (c0 = 0, NC * V_ = ld_m), which are streamed (`stream_ahead`).
+template <int NT, int NC, bool STREAM, typename T>
 inline void tile(const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64_t K, int64_t c0, float* out,
                  int64_t ld_out) {
   vf acc[NT][NC] = {};
+  const char* ahead = reinterpret_cast<const char*>(M);
   for (int64_t k = 0; k < K; ++k) {
+    if constexpr (STREAM) stream_ahead(ahead, M + (k + 1) * ld_m);
     vf m[NC];
     for (int c = 0; c < NC; ++c) m[c] = load(M + k * ld_m + c0 + c * V_);
     for (int i = 0; i < NT; ++i) {
@@ -136,19 +153,20 @@ inline void tile(const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64
     for (int c = 0; c < NC; ++c) std::memcpy(out + i * ld_out + c0 + c * V_, &acc[i][c], sizeof(vf));
 }
 
-template <int NT, typename T>
+template <int NT, bool STREAM, typename T>
 inline void tile_nc(int nc, const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64_t K, int64_t c0,
                     float* out, int64_t ld_out) {
   switch (nc) {
-    case 1: return tile<NT, 1>(in, ld_in, M, ld_m, K, c0, out, ld_out);
-    case 2: return tile<NT, 2>(in, ld_in, M, ld_m, K, c0, out, ld_out);
-    case 3: return tile<NT, 3>(in, ld_in, M, ld_m, K, c0, out, ld_out);
-    default: return tile<NT, (NT < 8 ? 4 : 3)>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 1: return tile<NT, 1, STREAM>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 2: return tile<NT, 2, STREAM>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 3: return tile<NT, 3, STREAM>(in, ld_in, M, ld_m, K, c0, out, ld_out);
+    default: return tile<NT, (NT < 8 ? 4 : 3), STREAM>(in, ld_in, M, ld_m, K, c0, out, ld_out);
   }
 }
 
 // out[i, :N] = in[i, :K] @ M[:K, :N] for i < n (float32 rows in and out, M of the slots' dtype, rows ld_m apart).
-template <typename T>
+// STREAM (see `streams`): one tile covers all n rows and all N columns, so M is read once, and it is streamed.
+template <bool STREAM = false, typename T>
 void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t ld_m, int64_t K, int64_t N,
                  float* out, int64_t ld_out) {
   for (int64_t i = 0; i < n;) {
@@ -159,10 +177,10 @@ void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t 
     while (c + V_ <= N) {
       const int nc = int(std::min<int64_t>((N - c) / V_, nt == 8 ? 3 : 4));  // at most 24 accumulators
       switch (nt) {
-        case 8: tile_nc<8>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
-        case 4: tile_nc<4>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
-        case 2: tile_nc<2>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
-        default: tile_nc<1>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
+        case 8: tile_nc<8, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
+        case 4: tile_nc<4, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
+        case 2: tile_nc<2, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
+        default: tile_nc<1, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
       }
       c += nc * V_;
     }
@@ -176,14 +194,23 @@ void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t 
   }
 }
 
-// rows_matmul reading M row by row, contiguously, with the n output rows (few) accumulated in place in L1.
+// Whether rows_matmul reads M once, in whole rows (one row group of n <= 8 and one column tile), so that it can
+// stream M.
+inline bool streams(int64_t n, int64_t N, int64_t ld_m) {
+  return (n == 1 || n == 2 || n == 4 || n == 8) && N == ld_m && N % V_ == 0 && N <= (n == 8 ? 3 : 4) * V_;
+}
+
+// rows_matmul reading M row by row, contiguously, with the n output rows (few) accumulated in place in L1;
+// `stream`: M is streamed (rows ld_m = N apart).
 template <typename T>
 void rows_matmul_by_row(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t ld_m, int64_t K, int64_t N,
-                        float* out, int64_t ld_out) {
+                        float* out, int64_t ld_out, bool stream) {
   for (int64_t i = 0; i < n; ++i) std::fill(out + i * ld_out, out + i * ld_out + N, 0.0f);
   const int64_t NV = N / V_ * V_;
+  const char* ahead = reinterpret_cast<const char*>(M);
   for (int64_t k = 0; k < K; ++k) {
     const T* mr = M + k * ld_m;
+    if (stream) stream_ahead(ahead, mr + ld_m);
     for (int64_t c = 0; c < NV; c += V_) {
       const vf m = load(mr + c);
       for (int64_t i = 0; i < n; ++i) store(out + i * ld_out + c, load(out + i * ld_out + c) + in[i * ld_in + k] * m);
@@ -234,7 +261,12 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
       const Block& blk = blocks[bi];
       const int64_t n = blk.end - blk.begin;
       for (int64_t i = 0; i < n; ++i) to_float(xf.data() + i * IN, xp + order[blk.begin + i] * x_st, IN);
-      rows_matmul(xf.data(), IN, n, ap + blk.slot * IN * W, W, IN, W, h.data() + (blk.begin - j0) * W, W);
+      const T* Ab = ap + blk.slot * IN * W;
+      float* hb = h.data() + (blk.begin - j0) * W;
+      if (blk.once && streams(n, W, W))
+        rows_matmul<true>(xf.data(), IN, n, Ab, W, IN, W, hb, W);
+      else
+        rows_matmul(xf.data(), IN, n, Ab, W, IN, W, hb, W);
     }
     // Expand, part by part: y[order[j], cols[p]:] += h[j, rows[p]:rows[p] + r] @ B_p[slot].
     for (int64_t p = 0; p < P; ++p) {
@@ -246,7 +278,7 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
         const float* hp = h.data() + (blk.begin - j0) * W + rows[p];
         const T* B = bp + blk.slot * r * out;
         if (n <= 2)  // few tokens: read B's rows in order (a column tile would jump between its r rows)
-          rows_matmul_by_row(hp, W, n, B, out, r, out, delta.data(), out);
+          rows_matmul_by_row(hp, W, n, B, out, r, out, delta.data(), out, blk.once);
         else
           rows_matmul(hp, W, n, B, out, r, out, delta.data(), out);
         for (int64_t i = 0; i < n; ++i)

@@ -17,19 +17,22 @@ def test_bench_stream_prints_each_measurement(capsys: pytest.CaptureFixture[str]
     try:
         bench_stream.main(
             "--layers 2 --hidden 64 --intermediate 96 --adapters 4 --tokens 6 --all-linear --repeats 3 "
-            f"--flush-mib 4 --threads {threads}".split()
+            f"--flush-mib 4 --working-set-mib 1 --threads {threads}".split()
         )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "2 layers, LoRA r=16 on all linear layers, 4 slots" in out
-    rows = re.findall(r"^  (.+?)\s+([\d.]+) ms per step\s+([\d.]+) GB/s", out, flags=re.M)
-    assert [name for name, _, _ in rows] == [
+    assert re.search(r"1 MiB working set read just before each step: reading it again takes \d+ us", out)
+    rows = re.findall(
+        r"^  (.+?)\s+([\d.]+) ms per step\s+([\d.]+) GB/s .* again after it:\s+(\d+) us$", out, flags=re.M
+    )
+    assert [name for name, _, _, _ in rows] == [
         "LoRA op, 4 distinct adapters",
         "LoRA op, one adapter for every token",
         "torch.sum over the same stacks",
     ]
-    assert all(float(ms) > 0 for _, ms, _ in rows)
+    assert all(float(ms) > 0 for _, ms, _, _ in rows)
 
 
 def test_make_stacks_lays_parts_out_as_the_op_expects() -> None:
