@@ -164,11 +164,23 @@ inline void tile_nc(int nc, const float* in, int64_t ld_in, const T* M, int64_t 
   }
 }
 
+template <bool STREAM, typename T>
+inline void tile_nt_nc(int nt, int nc, const float* in, int64_t ld_in, const T* M, int64_t ld_m, int64_t K,
+                       int64_t c0, float* out, int64_t ld_out) {
+  switch (nt) {
+    case 8: return tile_nc<8, STREAM>(nc, in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 4: return tile_nc<4, STREAM>(nc, in, ld_in, M, ld_m, K, c0, out, ld_out);
+    case 2: return tile_nc<2, STREAM>(nc, in, ld_in, M, ld_m, K, c0, out, ld_out);
+    default: return tile_nc<1, STREAM>(nc, in, ld_in, M, ld_m, K, c0, out, ld_out);
+  }
+}
+
 // out[i, :N] = in[i, :K] @ M[:K, :N] for i < n (float32 rows in and out, M of the slots' dtype, rows ld_m apart).
-// STREAM (see `streams`): one tile covers all n rows and all N columns, so M is read once, and it is streamed.
-template <bool STREAM = false, typename T>
+// `stream`: M is read once in the call; where one tile covers every row and column (so reads M once, in whole
+// rows), M is streamed.
+template <typename T>
 void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t ld_m, int64_t K, int64_t N,
-                 float* out, int64_t ld_out) {
+                 float* out, int64_t ld_out, bool stream = false) {
   for (int64_t i = 0; i < n;) {
     const int nt = n - i >= 8 ? 8 : n - i >= 4 ? 4 : n - i >= 2 ? 2 : 1;
     const float* in_i = in + i * ld_in;
@@ -176,12 +188,10 @@ void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t 
     int64_t c = 0;
     while (c + V_ <= N) {
       const int nc = int(std::min<int64_t>((N - c) / V_, nt == 8 ? 3 : 4));  // at most 24 accumulators
-      switch (nt) {
-        case 8: tile_nc<8, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
-        case 4: tile_nc<4, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
-        case 2: tile_nc<2, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out); break;
-        default: tile_nc<1, STREAM>(nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
-      }
+      if (stream && nt == n && nc * V_ == N && ld_m == N)
+        tile_nt_nc<true>(nt, nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
+      else
+        tile_nt_nc<false>(nt, nc, in_i, ld_in, M, ld_m, K, c, out_i, ld_out);
       c += nc * V_;
     }
     for (; c < N; ++c)  // columns past the last full vector
@@ -192,12 +202,6 @@ void rows_matmul(const float* in, int64_t ld_in, int64_t n, const T* M, int64_t 
       }
     i += nt;
   }
-}
-
-// Whether rows_matmul reads M once, in whole rows (one row group of n <= 8 and one column tile), so that it can
-// stream M.
-inline bool streams(int64_t n, int64_t N, int64_t ld_m) {
-  return (n == 1 || n == 2 || n == 4 || n == 8) && N == ld_m && N % V_ == 0 && N <= (n == 8 ? 3 : 4) * V_;
 }
 
 // rows_matmul reading M row by row, contiguously, with the n output rows (few) accumulated in place in L1;
@@ -261,12 +265,7 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
       const Block& blk = blocks[bi];
       const int64_t n = blk.end - blk.begin;
       for (int64_t i = 0; i < n; ++i) to_float(xf.data() + i * IN, xp + order[blk.begin + i] * x_st, IN);
-      const T* Ab = ap + blk.slot * IN * W;
-      float* hb = h.data() + (blk.begin - j0) * W;
-      if (blk.once && streams(n, W, W))
-        rows_matmul<true>(xf.data(), IN, n, Ab, W, IN, W, hb, W);
-      else
-        rows_matmul(xf.data(), IN, n, Ab, W, IN, W, hb, W);
+      rows_matmul(xf.data(), IN, n, ap + blk.slot * IN * W, W, IN, W, h.data() + (blk.begin - j0) * W, W, blk.once);
     }
     // Expand, part by part: y[order[j], cols[p]:] += h[j, rows[p]:rows[p] + r] @ B_p[slot].
     for (int64_t p = 0; p < P; ++p) {
