@@ -5,7 +5,9 @@ caches hold, so the op's cost is how fast it streams them. This measures one ste
 shapes (per layer q|k|v and o, and with `--all-linear` also gate|up and down; 32 decode tokens, bf16), with the
 caches flushed before each step as the rest of a real step does (base weights and KV cache are larger than L3):
 
-- the op with 32 distinct adapters (every slot read) and with one adapter for every token (compute, no streaming);
+- the op with 32 distinct adapters (every slot read), from the raw stacks and from coded ones (`bf16_codec`: 12
+  bits a weight; where the op has its AVX-512 decoder), and with one adapter for every token (compute, no
+  streaming);
 - `torch.sum` over the same stacks, flushed the same way: what this machine's memory gives a plain read.
 
 Prints the median per step and GB/s over the stacks' bytes. Then, for each, what the step costs the rest of a real
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_adapters
+from . import bf16_codec, cpu_adapters
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class PackedStacks:
     Bs: list[torch.Tensor]  # per part [S, r, out]
     cols: list[int]
     rows: list[int]
+    coded: list[torch.Tensor]  # A's and each B's coded stack (`bf16_codec`)
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +49,11 @@ def make_stacks(ins: int, outs: list[int], slots: int, r: int, dtype: torch.dtyp
     A = torch.randn(slots, ins, len(outs) * r).to(dtype) / ins**0.5
     Bs = [torch.randn(slots, r, o).to(dtype) / r**0.5 for o in outs]
     cols = [sum(outs[:p]) for p in range(len(outs))]
-    return PackedStacks(A, Bs, cols, [p * r for p in range(len(outs))])
+    coded = []
+    for raw in [A, *Bs] if dtype == torch.bfloat16 else []:
+        coded.append(torch.empty(slots, bf16_codec.coded_row_bytes(*raw.shape[1:]), dtype=torch.uint8))
+        bf16_codec.encode_slots(raw, coded[-1])
+    return PackedStacks(A, Bs, cols, [p * r for p in range(len(outs))], coded)
 
 
 def median_step_s(step: Callable[[], object], flush: torch.Tensor, repeats: int) -> float:
@@ -104,11 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     flush = torch.ones(args.flush_mib * 2**20 // 4)
     working_set = torch.ones(args.working_set_mib * 2**20 // 4)
 
-    def lora_step(token_slots: torch.Tensor) -> Callable[[], None]:
+    def lora_step(token_slots: torch.Tensor, coded: bool) -> Callable[[], None]:
         def step() -> None:
             for s in stacks:
                 ins, out = s.A.shape[1], sum(B.shape[2] for B in s.Bs)
-                cpu_adapters.lora_packed_gather_lists(y[out], x[ins], token_slots, s.A, s.Bs, s.cols, s.rows, r)
+                cpu_adapters.lora_packed_gather_lists(
+                    y[out], x[ins], token_slots, s.A, s.Bs, s.cols, s.rows, r, s.coded if coded else []
+                )
 
         return step
 
@@ -119,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                 B.sum()
 
     distinct = torch.arange(T) % S
-    rows = {
-        f"LoRA op, {S} distinct adapters": lora_step(distinct),
-        "LoRA op, one adapter for every token": lora_step(torch.zeros(T, dtype=torch.int64)),
-        "torch.sum over the same stacks": plain_read,
-    }
+    rows = {f"LoRA op, {S} distinct adapters": lora_step(distinct, coded=False)}
+    if cpu_adapters.coded_slots_pay():
+        rows[f"LoRA op, {S} distinct, coded slots"] = lora_step(distinct, coded=True)
+    rows["LoRA op, one adapter for every token"] = lora_step(torch.zeros(T, dtype=torch.int64), coded=False)
+    rows["torch.sum over the same stacks"] = plain_read
     where = "all linear layers" if args.all_linear else "attention (q|k|v, o)"
     print(
         f"{args.layers} layers, LoRA r={r} on {where}, {S} slots: {nbytes / 2**20:.1f} MiB of stacks; {T} decode "

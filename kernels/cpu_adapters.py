@@ -53,18 +53,23 @@ _SOURCE = r"""
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t TB = 8;  // tokens per block: each weight row read from memory serves up to TB tokens
 constexpr int64_t V_ = 16;  // floats per vector (one AVX-512 register, two AVX2 ones)
 constexpr int64_t PF = 1024;  // bytes ahead of the reads that streamed weights are prefetched
+constexpr int64_t CODED_PF = 4096;  // the same for coded slots (measured: 1.75 ms a step at 4-8 KiB, 2.0 at 1 KiB)
 
 // Weights that a call reads once (a slot whose tokens fit one block) are fetched ahead with a non-temporal prefetch
 // (prefetchnta), so that streaming every adapter's stacks does not evict the rest of the step's working set (the
 // interpreter's objects, activations, the next matmul's operands) from L2 and L3. Hints only: the arithmetic is the
-// same. `ahead` walks forward over [ahead, until + PF), 64-byte line by line.
-inline void stream_ahead(const char*& ahead, const void* until) {
-  const char* want = static_cast<const char*>(until) + PF;
+// same. `ahead` walks forward over [ahead, until + distance), 64-byte line by line.
+inline void stream_ahead(const char*& ahead, const void* until, int64_t distance = PF) {
+  const char* want = static_cast<const char*>(until) + distance;
   for (; ahead < want; ahead += 64) __builtin_prefetch(ahead, 0, 0);
 }
 
@@ -240,10 +245,179 @@ inline void to_float(float* dst, const T* src, int64_t n) {
   for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
 }
 
+// Coded bf16 slots (kernels/bf16_codec.py has the format's spec and encoder). With 32 distinct adapters the op is
+// bound by reading their weights from memory; coded, a weight is 12 bits instead of 16: its low byte, and a 4-bit
+// code for its high byte (sign and upper exponent bits) through the slot's table of 15 high bytes, code 15 taking the
+// slot's next escaped value instead. Decoding is exact, so a coded slot gives the very sums of its raw stack.
+// A slot's row of bytes: [0, 16) the table, byte 15 being 1 when the slot is coded (else the op reads the raw stack);
+// then the escaped values (bf16 bits, in weight order); the row ends with the granules of 64 weights, 96 bytes each:
+// 32 bytes of codes (byte b holds storage position b in its low nibble and b + 32 in its high one), then 64 low
+// bytes. Weight p of a granule sits at storage position p with bit pairs 2-3 and 4-5 swapped: the order in which the
+// AVX-512 unpacks below give the weights back.
+constexpr int64_t GRANULE = 64, GRANULE_BYTES = 96;
+
+// Granules of a coded [K, N] slot: column tiles of up to 64 columns, each padded to whole granules.
+inline int64_t coded_granules(int64_t K, int64_t N) {
+  const int64_t full = N / 64, last = N % 64;
+  return full * ((K * 64 + GRANULE - 1) / GRANULE) + (K * last + GRANULE - 1) / GRANULE;
+}
+
+struct CodedSlot {
+  const uint8_t* table = nullptr;  // nullptr: the slot is not coded
+  const uint16_t* escapes = nullptr;
+  const uint16_t* escapes_end = nullptr;
+  const uint8_t* granules = nullptr;
+};
+
+// Slot s of a coded stack ([S, L] uint8) of [K, N] slot matrices.
+inline CodedSlot coded_slot(const at::Tensor& coded, int64_t s, int64_t K, int64_t N) {
+  const int64_t L = coded.size(1);
+  const uint8_t* row = coded.data_ptr<uint8_t>() + s * L;
+  if (row[15] != 1) return {};
+  const uint8_t* granules = row + L - GRANULE_BYTES * coded_granules(K, N);
+  return {row, reinterpret_cast<const uint16_t*>(row + 16), reinterpret_cast<const uint16_t*>(granules), granules};
+}
+
+inline float bf16_bits(uint32_t bits) {
+  const uint32_t u = bits << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+struct Quad {  // a granule's 64 weights, 16q to 16q + 15 in v[q]
+  vf v[4];
+};
+
+// A granule with escapes (rare), or any granule where there is no AVX-512: weight by weight.
+__attribute__((noinline)) Quad decode_slowly(const uint8_t* g, const CodedSlot& s, const uint16_t*& escape) {
+  float w[GRANULE];
+  for (int64_t p = 0; p < GRANULE; ++p) {
+    const int64_t j = (p & 3) | ((p >> 4) & 3) << 2 | ((p >> 2) & 3) << 4;
+    const int code = (g[j & 31] >> (j & 32 ? 4 : 0)) & 15;
+    uint32_t bits = uint32_t(s.table[code]) << 8 | g[32 + j];
+    if (code == 15) bits = escape < s.escapes_end ? *escape++ : 0;
+    w[p] = bf16_bits(bits);
+  }
+  Quad q;
+  for (int i = 0; i < 4; ++i) q.v[i] = load(w + 16 * i);
+  return q;
+}
+
+// Walks a coded slot's granules in order, streaming them (each is read once in a call).
+class Granules {
+ public:
+  explicit Granules(const CodedSlot& s)
+      : s_(s), g_(s.granules), escape_(s.escapes), ahead_(reinterpret_cast<const char*>(s.granules)) {}
+
+  __attribute__((always_inline)) Quad next() {
+    const uint8_t* g = g_;
+    g_ += GRANULE_BYTES;
+    stream_ahead(ahead_, g_, CODED_PF);
+#if defined(__AVX512BW__)
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g));
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, nibble)),
+                                             _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble), 1);
+    if (__builtin_expect(_mm512_cmpeq_epi8_mask(codes, _mm512_set1_epi8(15)) == 0, 1)) {
+      const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s_.table)));
+      const __m512i hi = _mm512_shuffle_epi8(table, codes);  // per 16-byte lane; the codes are below 16
+      const __m512i lo = _mm512_loadu_si512(g + 32);
+      const __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);  // bf16 bits
+      const __m512i zero = _mm512_setzero_si512();
+      static_assert(sizeof(vf) == sizeof(__m512i));
+      Quad q;  // bf16 bits << 16 are the float32
+      q.v[0] = reinterpret_cast<vf>(_mm512_unpacklo_epi16(zero, w0));
+      q.v[1] = reinterpret_cast<vf>(_mm512_unpackhi_epi16(zero, w0));
+      q.v[2] = reinterpret_cast<vf>(_mm512_unpacklo_epi16(zero, w1));
+      q.v[3] = reinterpret_cast<vf>(_mm512_unpackhi_epi16(zero, w1));
+      return q;
+    }
+#endif
+    return decode_slowly(g, s_, escape_);
+  }
+
+ private:
+  const CodedSlot& s_;
+  const uint8_t* g_;
+  const uint16_t* escape_;
+  const char* ahead_;
+};
+
+// Keeps a sum's terms in the order written: the build's -fassociative-math would let gcc regroup the R updates of
+// an accumulator that one unit of coded_tile writes out in a row (rows_matmul makes them one per loop iteration), and
+// the coded op must give the raw op's sums bit for bit. An empty asm that takes and gives back v, in a register.
+inline void in_order(vf& v) {
+#if defined(__AVX512F__)
+  asm volatile("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+// out[i, :NC * V_] = in[i, :K] @ T for NT rows, T the next column tile of a coded slot ([K, NC * V_], row-major):
+// U vectors (whole granules) make R whole rows of T. The sums rows_matmul makes, in the same order.
+template <int NT, int NC>
+void coded_tile(Granules& granules, const float* in, int64_t ld_in, int64_t K, float* out, int64_t ld_out) {
+  constexpr int U = NC == 3 ? 12 : 4, R = U / NC;
+  vf acc[NT][NC] = {};
+  for (int64_t k = 0; k < K; k += R) {
+    vf m[U];  // fully unrolled, so that m and acc stay in registers
+#pragma GCC unroll 4
+    for (int u = 0; u < U / 4; ++u) {
+      const Quad q = granules.next();
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) m[4 * u + j] = q.v[j];
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j)
+#pragma GCC unroll 2
+      for (int i = 0; i < NT; ++i) {
+        const float xv = in[i * ld_in + k + j];
+#pragma GCC unroll 4
+        for (int c = 0; c < NC; ++c) {
+          acc[i][c] += xv * m[j * NC + c];
+          in_order(acc[i][c]);
+        }
+      }
+  }
+  for (int i = 0; i < NT; ++i)
+    for (int c = 0; c < NC; ++c) std::memcpy(out + i * ld_out + c * V_, &acc[i][c], sizeof(vf));
+}
+
+constexpr int64_t CODED_TILE = 4 * V_;  // columns of a coded slot's column tiles (bf16_codec.TILE_COLUMNS)
+
+// Whether coded_matmul takes a [K, N] slot for n tokens: 1 or 2 tokens, N whole vectors, and K whole units of the
+// last (narrower) tile's coded_tile, so that no tile has padding.
+inline bool coded_matmul_takes(int64_t n, int64_t K, int64_t N) {
+  const int64_t last = N % CODED_TILE / V_;
+  return n <= 2 && N % V_ == 0 && K % (last == 2 ? 2 : last ? 4 : 1) == 0;
+}
+
+// out[i, :N] = in[i, :K] @ M for n (1 or 2) rows, M a coded [K, N] slot (bf16_codec: column tiles of up to 64
+// columns, left to right, each row-major).
+inline void coded_matmul(const CodedSlot& s, int64_t n, const float* in, int64_t ld_in, int64_t K, int64_t N,
+                         float* out, int64_t ld_out) {
+  Granules granules(s);
+  for (int64_t c0 = 0; c0 < N; c0 += CODED_TILE) {
+    float* o = out + c0;
+    switch (std::min(CODED_TILE, N - c0) / V_ + 4 * (n - 1)) {
+      case 1: coded_tile<1, 1>(granules, in, ld_in, K, o, ld_out); break;
+      case 2: coded_tile<1, 2>(granules, in, ld_in, K, o, ld_out); break;
+      case 3: coded_tile<1, 3>(granules, in, ld_in, K, o, ld_out); break;
+      case 4: coded_tile<1, 4>(granules, in, ld_in, K, o, ld_out); break;
+      case 5: coded_tile<2, 1>(granules, in, ld_in, K, o, ld_out); break;
+      case 6: coded_tile<2, 2>(granules, in, ld_in, K, o, ld_out); break;
+      case 7: coded_tile<2, 3>(granules, in, ld_in, K, o, ld_out); break;
+      default: coded_tile<2, 4>(granules, in, ld_in, K, o, ld_out);
+    }
+  }
+}
+
 template <typename T>
 void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
            const std::vector<at::Tensor>& Bs, const std::vector<int64_t>& cols, const std::vector<int64_t>& rows,
-           int64_t r) {
+           int64_t r, const std::vector<at::Tensor>& coded) {
   const int64_t IN = x.size(1), W = A.size(2), P = int64_t(Bs.size());
   std::vector<int64_t> order;
   const std::vector<Block> blocks = group_by_slot(token_slots, order);
@@ -261,11 +435,20 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
     // Shrink: h[j] = x[order[j]] @ A[slot] ([in] @ [in, W]) for the run's tokens j, kept in float32.
     const int64_t j0 = blocks[b0].begin;
     std::vector<float> xf(TB * IN), h((blocks[b1 - 1].end - j0) * W), delta(TB * max_out);
+    // A slot read once in the call comes from its coded stack where it has one (fewer bytes from memory).
+    auto coded_of = [&](int64_t stack, const Block& blk, int64_t K, int64_t N) {
+      return blk.once && !coded.empty() ? coded_slot(coded[stack], blk.slot, K, N) : CodedSlot{};
+    };
     for (int64_t bi = b0; bi < b1; ++bi) {
       const Block& blk = blocks[bi];
       const int64_t n = blk.end - blk.begin;
       for (int64_t i = 0; i < n; ++i) to_float(xf.data() + i * IN, xp + order[blk.begin + i] * x_st, IN);
-      rows_matmul(xf.data(), IN, n, ap + blk.slot * IN * W, W, IN, W, h.data() + (blk.begin - j0) * W, W, blk.once);
+      float* hb = h.data() + (blk.begin - j0) * W;
+      const CodedSlot cs = coded_matmul_takes(n, IN, W) ? coded_of(0, blk, IN, W) : CodedSlot{};
+      if (cs.table)
+        coded_matmul(cs, n, xf.data(), IN, IN, W, hb, W);
+      else
+        rows_matmul(xf.data(), IN, n, ap + blk.slot * IN * W, W, IN, W, hb, W, blk.once);
     }
     // Expand, part by part: y[order[j], cols[p]:] += h[j, rows[p]:rows[p] + r] @ B_p[slot].
     for (int64_t p = 0; p < P; ++p) {
@@ -276,7 +459,10 @@ void apply(at::Tensor& y, const at::Tensor& x, const at::Tensor& token_slots, co
         const int64_t n = blk.end - blk.begin;
         const float* hp = h.data() + (blk.begin - j0) * W + rows[p];
         const T* B = bp + blk.slot * r * out;
-        if (n <= 2)  // few tokens: read B's rows in order (a column tile would jump between its r rows)
+        const CodedSlot cs = coded_matmul_takes(n, r, out) ? coded_of(1 + p, blk, r, out) : CodedSlot{};
+        if (cs.table)
+          coded_matmul(cs, n, hp, W, r, out, delta.data(), out);
+        else if (n <= 2)  // few tokens: read B's rows in order (a column tile would jump between its r rows)
           rows_matmul_by_row(hp, W, n, B, out, r, out, delta.data(), out, blk.once);
         else
           rows_matmul(hp, W, n, B, out, r, out, delta.data(), out);
@@ -377,7 +563,8 @@ void scale_gather(at::Tensor x, const at::Tensor& token_slots, const at::Tensor&
 }
 
 void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots, const at::Tensor& A,
-                        at::TensorList Bs, at::IntArrayRef cols, at::IntArrayRef rows, int64_t r) {
+                        at::TensorList Bs, at::IntArrayRef cols, at::IntArrayRef rows, int64_t r,
+                        at::TensorList coded) {
   const at::ScalarType dt = check_dtype({&x, &y, &A}, "x, y and A");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0), "x [T, in] and y [T, out] expected");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
@@ -395,11 +582,24 @@ void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& tok
     TORCH_CHECK(cols[p] >= 0 && cols[p] + B.size(2) <= y.size(1), "part ", p, ": columns out of range");
     parts.push_back(B);
   }
+  std::vector<at::Tensor> coded_stacks;
+  if (!coded.empty()) {  // A's coded stack, then each B's
+    TORCH_CHECK(dt == at::kBFloat16, "coded stacks are bfloat16 slots");
+    TORCH_CHECK(coded.size() == 1 + Bs.size(), "one coded stack for A and one per B");
+    for (size_t i = 0; i < coded.size(); ++i) {
+      const at::Tensor& C = coded[i];
+      const int64_t K = i == 0 ? x.size(1) : r, N = i == 0 ? W : Bs[i - 1].size(2);
+      TORCH_CHECK(C.device().is_cpu() && C.scalar_type() == at::kByte && C.dim() == 2 && C.is_contiguous() &&
+                      C.size(0) == S && C.size(1) >= 16 + GRANULE_BYTES * coded_granules(K, N),
+                  "coded stack ", i, " must be a contiguous uint8 [S, L] with room for [", K, ", ", N, "] slots");
+      coded_stacks.push_back(C);
+    }
+  }
   const std::vector<int64_t> c(cols.begin(), cols.end()), rw(rows.begin(), rows.end());
   switch (dt) {
-    case at::kBFloat16: apply<c10::BFloat16>(y, x, token_slots, A, parts, c, rw, r); break;
-    case at::kHalf: apply<c10::Half>(y, x, token_slots, A, parts, c, rw, r); break;
-    default: apply<float>(y, x, token_slots, A, parts, c, rw, r);
+    case at::kBFloat16: apply<c10::BFloat16>(y, x, token_slots, A, parts, c, rw, r, coded_stacks); break;
+    case at::kHalf: apply<c10::Half>(y, x, token_slots, A, parts, c, rw, r, coded_stacks); break;
+    default: apply<float>(y, x, token_slots, A, parts, c, rw, r, coded_stacks);
   }
 }
 
@@ -420,9 +620,18 @@ void kron_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slot
   }
 }
 
+bool coded_decode_vectorized() {
+#if defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(switchboard, m) {
+  m.def("coded_decode_vectorized() -> bool", &coded_decode_vectorized);
   m.def("lora_packed_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor A, Tensor[] Bs, int[] cols, "
-        "int[] rows, int r) -> ()", &lora_packed_gather);
+        "int[] rows, int r, Tensor[] coded) -> ()", &lora_packed_gather);
   m.def("scale_gather(Tensor(a!) x, Tensor token_slots, Tensor V) -> ()", &scale_gather);
   m.def("kron_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor W1, Tensor W2) -> ()", &kron_gather);
 }
@@ -431,7 +640,9 @@ TORCH_LIBRARY_FRAGMENT(switchboard, m) {
 Part = tuple[Tensor, int, int]  # (B storage [S, r, out], first column in y, first row of h)
 
 
-def lora_packed_gather(y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, parts: Sequence[Part], r: int) -> Tensor:
+def lora_packed_gather(
+    y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, parts: Sequence[Part], r: int, coded: Sequence[Tensor] = ()
+) -> Tensor:
     """`sgmv.lora_packed` for the tokens with a slot, in one compiled call, in place on y (CPU tensors; raises if
     the op is not built here).
 
@@ -442,19 +653,29 @@ def lora_packed_gather(y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, par
         A: [S, in, W] contiguous stacked down-projections (W = parts x r, zero-padded ranks).
         parts: (B [S, r, out] contiguous, column of y, row of h) per part.
         r: the padded rank.
+        coded: empty, or bf16 slots' coded stacks (`bf16_codec`), A's and then each part's B's: a slot whose
+            tokens fit one block is read from them where its row is coded.
     """
     _require_built()
     return lora_packed_gather_lists(
-        y, x, token_slots, A, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], r
+        y, x, token_slots, A, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], r, list(coded)
     )
 
 
 def lora_packed_gather_lists(
-    y: Tensor, x: Tensor, token_slots: Tensor, A: Tensor, Bs: list[Tensor], cols: list[int], rows: list[int], r: int
+    y: Tensor,
+    x: Tensor,
+    token_slots: Tensor,
+    A: Tensor,
+    Bs: list[Tensor],
+    cols: list[int],
+    rows: list[int],
+    r: int,
+    coded: list[Tensor],
 ) -> Tensor:
-    """`lora_packed_gather` with the parts given as three lists, straight to the op (the per-linear hot path,
-    whose operands `sgmv.pack_lora` derived and checked once; the op itself checks every shape)."""
-    torch.ops.switchboard.lora_packed_gather(y, x, token_slots, A, Bs, cols, rows, r)
+    """`lora_packed_gather` with the parts given as lists, straight to the op (the per-linear hot path, whose
+    operands `sgmv.pack_lora` derived and checked once; the op itself checks every shape)."""
+    torch.ops.switchboard.lora_packed_gather(y, x, token_slots, A, Bs, cols, rows, r, coded)
     return y
 
 
@@ -510,6 +731,12 @@ def applies(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
 def rows_apply(*rows: Tensor) -> bool:
     """The per-call half of `applies`: activations and outputs are CPU tensors with contiguous rows."""
     return all(t.is_cpu and t.stride(-1) == 1 for t in rows)  # `is_cpu`: no device object per linear and step
+
+
+def coded_slots_pay() -> bool:
+    """Whether coding bf16 LoRA slots (`bf16_codec`) pays here: the op is built, with its AVX-512 decoder (without
+    it the op decodes weight by weight, slower than reading the raw stack)."""
+    return compiled_adapters_available() and bool(torch.ops.switchboard.coded_decode_vectorized())
 
 
 def compiled_adapters_available() -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import cpu_adapters
+from . import bf16_codec, cpu_adapters
 from .segments import NO_SLOT, Gather, Segments
 
 
@@ -186,19 +186,33 @@ class PackedLora:
 
     A: Tensor  # [S, W, in], every part's rows (W = parts x r_max)
     parts: tuple[PackedPart, ...]
-    # (A storage [S, in, W], B storages [S, r, out], columns, h rows, r) when the compiled CPU op takes these stacks
-    # (k-major CPU tensors and the op built here), else None.
-    compiled: tuple[Tensor, list[Tensor], list[int], list[int], int] | None
+    # (A storage [S, in, W], B storages [S, r, out], columns, h rows, r, coded stacks) when the compiled CPU op takes
+    # these stacks (k-major CPU tensors and the op built here), else None. The coded stacks (`bf16_codec`: A's, then
+    # each B's) hold bf16 slots in 12 bits a weight for the op to stream; empty where coding is off or does not pay.
+    compiled: tuple[Tensor, list[Tensor], list[int], list[int], int, list[Tensor]] | None
+
+    def recode(self, slot: int) -> None:
+        """Code `slot` again after its raw weights changed (the slot cache calls it on every load)."""
+        if self.compiled is not None and self.compiled[5]:
+            A_storage, storages, *_, coded = self.compiled
+            for raw, rows in zip([A_storage, *storages], coded, strict=True):
+                bf16_codec.encode_slots(raw[slot : slot + 1], rows[slot : slot + 1])
 
 
-def pack_lora(A: Tensor, parts: Sequence[PackedPart]) -> PackedLora:
-    """`A` and its parts, with the compiled op's operands derived once (see `PackedLora`)."""
+def pack_lora(A: Tensor, parts: Sequence[PackedPart], code_slots: bool = True) -> PackedLora:
+    """`A` and its parts, with the compiled op's operands derived once (see `PackedLora`); `code_slots`: keep coded
+    copies of bf16 stacks for the op where that pays here (`cpu_adapters.coded_slots_pay`)."""
     A_storage = A.transpose(1, 2)  # k-major slots: these are the contiguous [S, in, W] and [S, r, out]
     storages = [B.transpose(1, 2) for B, _, _ in parts]
     compiled = None
     if parts and cpu_adapters.applies((), (A_storage, *storages)):
         cols, rows = [col for _, col, _ in parts], [row for _, _, row in parts]
-        compiled = (A_storage, storages, cols, rows, parts[0][0].shape[2])
+        coded = []
+        if code_slots and A.dtype == torch.bfloat16 and cpu_adapters.coded_slots_pay():
+            for raw in [A_storage, *storages]:
+                coded.append(torch.empty(raw.shape[0], bf16_codec.coded_row_bytes(*raw.shape[1:]), dtype=torch.uint8))
+                bf16_codec.encode_slots(raw, coded[-1])
+        compiled = (A_storage, storages, cols, rows, parts[0][0].shape[2], coded)
     return PackedLora(A, tuple(parts), compiled)
 
 

@@ -233,6 +233,8 @@ class AdapterSlots:
                         A, B = adapter.weights[site]
                         A_stack[slot, row : row + A.shape[0]] = A.to(dev, dt)
                         self.lora_B[site][slot, :, : B.shape[1]] = B.to(dev, dt)
+            for packed in self.lora_packed.values():
+                packed.recode(slot)
         elif isinstance(adapter, KronaAdapter):
             for (layer, module, s1, s2), (W1, W2) in self.kron.items():
                 W1[slot].zero_()

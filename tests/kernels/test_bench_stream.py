@@ -27,8 +27,10 @@ def test_bench_stream_prints_each_measurement(capsys: pytest.CaptureFixture[str]
     rows = re.findall(
         r"^  (.+?)\s+([\d.]+) ms per step\s+([\d.]+) GB/s .* again after it:\s+(\d+) us$", out, flags=re.M
     )
+    coded = ["LoRA op, 4 distinct, coded slots"] if cpu_adapters.coded_slots_pay() else []
     assert [name for name, _, _, _ in rows] == [
         "LoRA op, 4 distinct adapters",
+        *coded,
         "LoRA op, one adapter for every token",
         "torch.sum over the same stacks",
     ]

@@ -55,10 +55,11 @@ def test_pack_lora_derives_the_compiled_operands_once(make_randn) -> None:
     if not cpu_adapters.compiled_adapters_available():
         assert lora.compiled is None
         return
-    A_storage, Bs, cols, rows, r = lora.compiled
+    A_storage, Bs, cols, rows, r, coded = lora.compiled
     assert A_storage.is_contiguous() and A_storage.data_ptr() == A.data_ptr()  # the slots themselves, no copy
     assert [B.data_ptr() for B in Bs] == [B.data_ptr() for B, _, _ in parts]
     assert (cols, rows, r) == ([0, 512, 640], [0, 16, 32], 16)
+    assert coded == []  # float32 stacks are not coded
     row_major = sgmv.pack_lora(A.contiguous(), [(B.contiguous(), c, r) for B, c, r in parts])
     assert row_major.compiled is None  # not k-major: the torch path
     # Where the op cannot run on the activations (a transposed x) the torch path takes the call.
