@@ -82,8 +82,10 @@ class AdapterSlots:
         max_resident: int,
         dtype: torch.dtype,
         device: torch.device,
+        code_lora_slots: bool = True,
     ) -> None:
         self.adapters: dict[str, Adapter] = {}
+        self.code_lora_slots = code_lora_slots  # coded copies of bf16 LoRA slots for the CPU op (`pack_lora`)
         self.linears = linears
         self.max_resident = max_resident
         self.dtype, self.device = dtype, device
@@ -167,7 +169,11 @@ class AdapterSlots:
     def _pack_lora(self) -> None:
         """Re-derive each linear's `PackedLora` (new stacks, a new rank); cheap, and only on registration."""
         self.lora_packed = {
-            lin: pack_lora(A, [(self.lora_B[(lin.layer_idx, p.name)], p.start, row) for p, row in self.lora_parts[lin]])
+            lin: pack_lora(
+                A,
+                [(self.lora_B[(lin.layer_idx, p.name)], p.start, row) for p, row in self.lora_parts[lin]],
+                code_slots=self.code_lora_slots,
+            )
             for lin, A in self.lora_A.items()
         }
 

@@ -59,6 +59,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--merge-adapter", default=None, metavar="NAME", help="fold this LoRA/KronA/(IA)3 adapter into the weights"
     )
     p.add_argument("--max-resident-adapters", type=int, default=32, help="device slots per adapter kind")
+    p.add_argument(
+        "--no-code-lora-slots",
+        dest="code_lora_slots",
+        action="store_false",
+        help="do not keep coded copies of bf16 LoRA slots on the CPU (less memory, slower with many adapters)",
+    )
     add_store_args(p)
     p.add_argument("--log-level", default="info")
 
@@ -192,6 +198,7 @@ def _serve(args: argparse.Namespace) -> None:
         adapters=parse_adapters(args.adapter),
         merge_adapter=args.merge_adapter,
         max_resident_adapters=args.max_resident_adapters,
+        code_lora_slots=args.code_lora_slots,
         nf4_path=args.nf4_kernel,
         **store_settings(args),
     )

@@ -92,7 +92,12 @@ class LLMEngine:
         self.merged_adapter = self._merge(config.merge_adapter)
         # Slots exist even without start-up adapters: uploads register adapters while serving.
         self.adapter_slots = AdapterSlots(
-            self.adapters, self.model.linears(), config.max_resident_adapters, config.torch_dtype, self.device
+            self.adapters,
+            self.model.linears(),
+            config.max_resident_adapters,
+            config.torch_dtype,
+            self.device,
+            code_lora_slots=config.code_lora_slots,
         )
         self.adapter_slots.on_evict = self._on_evict
         self._adapter_users: dict[str, int] = {}  # adapter -> sequences (waiting or running) that use it

@@ -12,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from switchboard.adapters_store.kinds import AdapterError
+from switchboard.kernels import cpu_adapters
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
 from switchboard.serving.engine.request import SamplingParams
@@ -183,3 +184,21 @@ def test_bf16_mixed_batch_runs_with_every_kind(tiny_model_dir: Path, peft_adapte
         [[0, 5, 9, 100]] * len(names), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), names
     )
     assert [len(o) for o in out] == [6] * len(names)
+
+
+def test_coded_lora_slots_give_the_same_tokens(tiny_model_dir: Path, peft_adapters) -> None:
+    # bf16 LoRA slots coded for the CPU op (`--no-code-lora-slots` turns it off): exact, so decoding is unchanged.
+    names = ["lora", "lora-rslora", None, "lora", "ia3"]
+    prompts = [[0, 5, 9, 100], [0, 7], [0, 300, 12], [0, 45, 46, 47, 48], [0, 11]]
+    tokens = {}
+    for code in (True, False):
+        config = ServeConfig(
+            model=tiny_model_dir, dtype="bfloat16", num_kv_blocks=128, adapters=peft_adapters, code_lora_slots=code
+        )
+        engine = LLMEngine(config)
+        packed = [p.compiled for p in engine.adapter_slots.lora_packed.values() if p.compiled is not None]
+        coded = code and cpu_adapters.compiled_adapters_available() and cpu_adapters.coded_slots_pay()
+        assert packed or not cpu_adapters.compiled_adapters_available()
+        assert all(bool(c[5]) == coded for c in packed)
+        tokens[code] = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), names)
+    assert tokens[True] == tokens[False]
