@@ -20,9 +20,9 @@ The raw stacks stay: prefill runs, many tokens of one adapter and the other kern
 0.77 of its raw one in memory.
 
 - coded_order(K, N): the order in which a [K, N] slot's weights are coded (column tiles, each row-major)
-- coded_row_bytes(K, N): L for [K, N] slot matrices
-- encode_slots(weights, rows): code each slot into its row; which slots are coded (a slot with more escapes than
-  its room is marked not coded)
+- coded_granules(K, N), coded_row_bytes(K, N): granules and row bytes L for [K, N] slot matrices
+- encode_slots(weights, rows): code each slot into its row (in the compiled op library); which slots are coded (a
+  slot with more escapes than its room is marked not coded)
 - decode_slot(row, K, N): the slot back (the spec, and the tests' oracle)
 """
 
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import cpu_adapters
 
 GRANULE = 64  # weights per granule
 GRANULE_BYTES = 96  # 32 bytes of 4-bit codes, 64 low bytes
@@ -54,51 +56,36 @@ def coded_order(K: int, N: int) -> Tensor:
 
 
 def escape_room(n: int) -> int:
-    """Escaped weights a slot of n weights has room for: one in 256 (trained and random slots escape far fewer)."""
+    """Escaped weights a row is sized for, for slots of n weights: one in 256 (trained and random slots escape far
+    fewer). The encoder uses whatever room the row has between its header and its granules."""
     return max(16, n // 256)
+
+
+def coded_granules(K: int, N: int) -> int:
+    """Granules of a coded [K, N] slot: `coded_order(K, N)` has this many times 64 places."""
+    return N // TILE_COLUMNS * K + -(-K * (N % TILE_COLUMNS) // GRANULE)
 
 
 def coded_row_bytes(K: int, N: int) -> int:
     """Bytes of one slot's row for [K, N] slot matrices (a multiple of 64, so rows stay line-aligned)."""
-    size = HEADER + 2 * escape_room(K * N) + GRANULE_BYTES * (coded_order(K, N).numel() // GRANULE)
+    size = HEADER + 2 * escape_room(K * N) + GRANULE_BYTES * coded_granules(K, N)
     return -(-size // 64) * 64
 
 
 def encode_slots(weights: Tensor, rows: Tensor) -> Tensor:
-    """Code each [K, N] slot of bf16 `weights` ([S, K, N]) into its row of `rows` (a CPU uint8 [S, L]).
-
-    Returns which slots are coded ([S] bool): a slot with more escapes than its room is marked not coded.
-    """
+    """Code each [K, N] slot of bf16 `weights` ([S, K, N]) into its row of `rows` (a CPU uint8 [S, L]), in the
+    compiled op library (a slot cache codes every slot it loads: in torch ops this took 38 ms an adapter, in C++ a
+    millisecond or two). Returns which slots are coded ([S] bool): a slot with more escapes than its room is marked
+    not coded. Raises if the library is not built here (no slot is coded there)."""
     S, K, N = weights.shape
-    L = coded_row_bytes(K, N)
-    if weights.dtype != torch.bfloat16 or rows.dtype != torch.uint8 or rows.shape != (S, L) or not rows.is_cpu:
-        raise ValueError(f"expected bf16 weights and a CPU uint8 [{S}, {L}], got {weights.dtype} and {rows.shape}")
-    order = coded_order(K, N)
-    g, pad = order.numel() // GRANULE, order < 0
-    bits = weights.detach().reshape(S, K * N).cpu().view(torch.int16).to(torch.int32) & 0xFFFF
-    bits = bits[:, order.clamp(min=0)]  # the coded sequence; padding (code 0, never an escape) is never read
-    high, low = bits >> 8, bits & 0xFF
-    counts = torch.bincount((high + 256 * torch.arange(S)[:, None]).view(-1), minlength=256 * S).view(S, 256)
-    table = counts.topk(ESCAPE, dim=1).indices  # each slot's 15 most common high bytes
-    code_of = torch.full((S, 256), ESCAPE, dtype=torch.int32)
-    code_of.scatter_(1, table, torch.arange(ESCAPE, dtype=torch.int32).expand(S, ESCAPE).contiguous())
-    codes = code_of.gather(1, high).masked_fill(pad, 0)
-    escaped = codes == ESCAPE
-    num_escaped = escaped.sum(1)
-    coded = num_escaped <= escape_room(K * N)
-    rows.zero_()
-    rows[:, :ESCAPE] = table.to(torch.uint8)
-    for s in (escaped.any(1) & coded).nonzero().view(-1).tolist():  # few slots have any
-        rows[s, HEADER : HEADER + 2 * int(num_escaped[s])] = _int16(bits[s][escaped[s]]).view(torch.uint8)
-    stored_codes = torch.empty(S, g, GRANULE, dtype=torch.int32)
-    stored_low = torch.empty(S, g, GRANULE, dtype=torch.int32)
-    stored_codes[:, :, _STORAGE] = codes.view(S, g, GRANULE)
-    stored_low[:, :, _STORAGE] = low.view(S, g, GRANULE)
-    body = torch.cat([stored_codes[:, :, :32] | stored_codes[:, :, 32:] << 4, stored_low], dim=2)  # [S, g, 96]
-    rows[:, L - GRANULE_BYTES * g :] = body.to(torch.uint8).view(S, -1)
-    rows[:, ESCAPE] = coded.to(torch.uint8)
-    rows[~coded, :ESCAPE] = 0
-    return coded
+    if rows.shape != (S, coded_row_bytes(K, N)):
+        raise ValueError(f"rows must be [{S}, {coded_row_bytes(K, N)}] for [{K}, {N}] slots, got {tuple(rows.shape)}")
+    if not cpu_adapters.compiled_adapters_available():
+        raise RuntimeError(
+            f"the compiled op library is not built here: {cpu_adapters.compiled_adapters_unavailable_reason()}"
+        )
+    torch.ops.switchboard.encode_coded_slots(weights.detach().contiguous(), rows)
+    return rows[:, ESCAPE] == 1
 
 
 def decode_slot(row: Tensor, K: int, N: int) -> Tensor:

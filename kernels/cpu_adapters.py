@@ -626,6 +626,59 @@ void kron_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slot
   }
 }
 
+// Codes each [K, N] slot of bf16 `weights` ([S, K, N]) into its row of `rows` ([S, L] uint8) in the layout above
+// (bf16_codec.py is the spec: its decode_slot reads these rows back). A slot with more escapes than its row has room
+// for is marked not coded (byte 15 is 0), and the op reads its raw stack.
+void encode_coded_slots(const at::Tensor& weights, at::Tensor rows) {
+  TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kBFloat16 && weights.dim() == 3 &&
+                  weights.is_contiguous(),
+              "weights must be a contiguous bf16 CPU [S, K, N]");
+  const int64_t S = weights.size(0), K = weights.size(1), N = weights.size(2), L = rows.size(1);
+  const int64_t G = coded_granules(K, N), room = (L - 16 - GRANULE_BYTES * G) / 2;
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kByte && rows.dim() == 2 && rows.is_contiguous() &&
+                  rows.size(0) == S && room >= 0,
+              "rows must be a contiguous uint8 CPU [S, L] with room for [", K, ", ", N, "] slots");
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weights.data_ptr<c10::BFloat16>());
+  uint8_t* rp = rows.data_ptr<uint8_t>();
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const uint16_t* w = wp + s * K * N;
+      uint8_t* row = rp + s * L;
+      std::fill(row, row + L, uint8_t(0));
+      int64_t count[256] = {};
+      for (int64_t i = 0; i < K * N; ++i) ++count[w[i] >> 8];
+      int order[256];
+      for (int b = 0; b < 256; ++b) order[b] = b;
+      std::stable_sort(order, order + 256, [&](int a, int b) { return count[a] > count[b]; });
+      int code_of[256];
+      std::fill(code_of, code_of + 256, 15);
+      int64_t escapes = K * N;
+      for (int c = 0; c < 15; ++c) code_of[order[c]] = c, escapes -= count[order[c]];
+      if (escapes > room) continue;  // not coded: byte 15 stays 0
+      for (int c = 0; c < 15; ++c) row[c] = uint8_t(order[c]);
+      row[15] = 1;
+      uint16_t* escape = reinterpret_cast<uint16_t*>(row + 16);
+      uint8_t* g = row + L - GRANULE_BYTES * G;  // the granule being written, p its next place
+      int64_t p = 0;
+      // The coded sequence: column tiles of up to 64 columns, each row-major and padded to whole granules.
+      for (int64_t c0 = 0; c0 < N; c0 += 64) {
+        const int64_t c1 = std::min(N, c0 + 64);
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t c = c0; c < c1; ++c) {
+            const uint16_t v = w[k * N + c];
+            const int code = code_of[v >> 8];
+            if (code == 15) *escape++ = v;
+            const int64_t j = (p & 3) | ((p >> 4) & 3) << 2 | ((p >> 2) & 3) << 4;
+            g[j & 31] |= uint8_t(code << (j & 32 ? 4 : 0));
+            g[32 + j] = uint8_t(v & 0xff);
+            if (++p == GRANULE) p = 0, g += GRANULE_BYTES;
+          }
+        if (p) p = 0, g += GRANULE_BYTES;
+      }
+    }
+  });
+}
+
 bool coded_decode_vectorized() {
 #if defined(__AVX512BW__)
   return true;
@@ -636,6 +689,7 @@ bool coded_decode_vectorized() {
 
 TORCH_LIBRARY_FRAGMENT(switchboard, m) {
   m.def("coded_decode_vectorized() -> bool", &coded_decode_vectorized);
+  m.def("encode_coded_slots(Tensor weights, Tensor(a!) rows) -> ()", &encode_coded_slots);
   m.def("lora_packed_gather(Tensor(a!) y, Tensor x, Tensor token_slots, Tensor A, Tensor[] Bs, int[] cols, "
         "int[] rows, int r, Tensor[] coded) -> ()", &lora_packed_gather);
   m.def("scale_gather(Tensor(a!) x, Tensor token_slots, Tensor V) -> ()", &scale_gather);

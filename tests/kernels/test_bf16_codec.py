@@ -8,6 +8,9 @@ import torch
 
 from switchboard.kernels import bf16_codec, cpu_adapters, sgmv
 
+needs_compiled = pytest.mark.skipif(
+    not cpu_adapters.compiled_adapters_available(), reason="the compiled op library (the encoder) is not built here"
+)
 needs_coded = pytest.mark.skipif(
     not cpu_adapters.compiled_adapters_available() or not cpu_adapters.coded_slots_pay(),
     reason="the compiled op with its AVX-512 decoder is not built here",
@@ -34,6 +37,7 @@ def _coded(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, bf16_codec.encode_slots(w, rows)
 
 
+@needs_compiled
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 5), (16, 64), (16, 80), (512, 48), (1376, 16), (16, 1376), (7, 130)])
 def test_coding_is_lossless(K, N) -> None:
     w = _slots(5, K, N, seed=K * 1000 + N)
@@ -57,12 +61,17 @@ def test_coded_order_is_column_tiles_padded_to_granules() -> None:
     assert order[192:195].tolist() == [64, 65, 66] and order[208].item() == 80 + 64
     assert (order[240:] == -1).all()
     assert sorted(order[order >= 0].tolist()) == list(range(240))
+    for K, N in [(3, 80), (1, 1), (7, 130), (16, 1376), (512, 48)]:
+        assert bf16_codec.coded_granules(K, N) * bf16_codec.GRANULE == bf16_codec.coded_order(K, N).numel()
 
 
-def test_encode_refuses_other_dtypes() -> None:
+@needs_compiled
+def test_encode_refuses_other_dtypes_and_row_sizes() -> None:
     rows = torch.empty(2, bf16_codec.coded_row_bytes(4, 16), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="bf16"):
+    with pytest.raises(RuntimeError, match="bf16"):
         bf16_codec.encode_slots(torch.zeros(2, 4, 16), rows)
+    with pytest.raises(ValueError, match="rows must be"):
+        bf16_codec.encode_slots(torch.zeros(2, 4, 32, dtype=torch.bfloat16), rows)
 
 
 # (rank, in, part widths, slots): the demo model's q|k|v, o, gate|up and down, then narrow and odd shapes (where
