@@ -16,8 +16,8 @@ A coded stack is a uint8 tensor [S, L], one row per slot:
   of a granule is at storage position `_STORAGE[p]` (p with its bit pairs 2-3 and 4-5 swapped), the order the
   AVX-512 unpacks in the op produce.
 
-The raw stacks stay: prefill runs, many tokens of one adapter and the other kernels read them. A coded stack costs
-0.77 of its raw one in memory.
+The raw stacks stay: prefill runs, many tokens of one adapter and the other kernels read them. A coded stack takes
+0.76x the memory of its raw one, in addition.
 
 - coded_order(K, N): the order in which a [K, N] slot's weights are coded (column tiles, each row-major)
 - coded_granules(K, N), coded_row_bytes(K, N): granules and row bytes L for [K, N] slot matrices

@@ -713,8 +713,9 @@ def lora_packed_gather(
         A: [S, in, W] contiguous stacked down-projections (W = parts x r, zero-padded ranks).
         parts: (B [S, r, out] contiguous, column of y, row of h) per part.
         r: the padded rank.
-        coded: empty, or bf16 slots' coded stacks (`bf16_codec`), A's and then each part's B's: a slot whose
-            tokens fit one block is read from them where its row is coded.
+        coded: empty, or bf16 slots' coded stacks (`bf16_codec`), A's and then each part's B's: a slot with one
+            or two tokens in the call is read from them where its row is coded and the matrix tiles without
+            padding (a multiple of 16 columns; a rank-8 q|k|v shrink, 24 columns, is not), else from the raw stacks.
     """
     _require_built()
     return lora_packed_gather_lists(
