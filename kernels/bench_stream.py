@@ -49,10 +49,7 @@ def make_stacks(ins: int, outs: list[int], slots: int, r: int, dtype: torch.dtyp
     A = torch.randn(slots, ins, len(outs) * r).to(dtype) / ins**0.5
     Bs = [torch.randn(slots, r, o).to(dtype) / r**0.5 for o in outs]
     cols = [sum(outs[:p]) for p in range(len(outs))]
-    coded = []
-    for raw in [A, *Bs] if dtype == torch.bfloat16 else []:
-        coded.append(torch.empty(slots, bf16_codec.coded_row_bytes(*raw.shape[1:]), dtype=torch.uint8))
-        bf16_codec.encode_slots(raw, coded[-1])
+    coded = [bf16_codec.coded_stack(raw) for raw in [A, *Bs]] if dtype == torch.bfloat16 else []
     return PackedStacks(A, Bs, cols, [p * r for p in range(len(outs))], coded)
 
 

@@ -23,6 +23,7 @@ The raw stacks stay: prefill runs, many tokens of one adapter and the other kern
 - coded_granules(K, N), coded_row_bytes(K, N): granules and row bytes L for [K, N] slot matrices
 - encode_slots(weights, rows): code each slot into its row (in the compiled op library); which slots are coded (a
   slot with more escapes than its room is marked not coded)
+- coded_stack(weights): a coded copy of a whole stack
 - decode_slot(row, K, N): the slot back (the spec, and the tests' oracle)
 """
 
@@ -86,6 +87,13 @@ def encode_slots(weights: Tensor, rows: Tensor) -> Tensor:
         )
     torch.ops.switchboard.encode_coded_slots(weights.detach().contiguous(), rows)
     return rows[:, ESCAPE] == 1
+
+
+def coded_stack(weights: Tensor) -> Tensor:
+    """A coded copy of a stack of bf16 [K, N] slots ([S, K, N]): a new uint8 [S, L], every slot coded."""
+    rows = torch.empty(weights.shape[0], coded_row_bytes(*weights.shape[1:]), dtype=torch.uint8)
+    encode_slots(weights, rows)
+    return rows
 
 
 def decode_slot(row: Tensor, K: int, N: int) -> Tensor:

@@ -251,16 +251,20 @@ inline void to_float(float* dst, const T* src, int64_t n) {
   for (; c < n; ++c) dst[c] = static_cast<float>(src[c]);
 }
 
-// Coded bf16 slots (kernels/bf16_codec.py has the format's spec and encoder). With 32 distinct adapters the op is
-// bound by reading their weights from memory; coded, a weight is 12 bits instead of 16: its low byte, and a 4-bit
-// code for its high byte (sign and upper exponent bits) through the slot's table of 15 high bytes, code 15 taking the
-// slot's next escaped value instead. Decoding is exact, so a coded slot gives the very sums of its raw stack.
-// A slot's row of bytes: [0, 16) the table, byte 15 being 1 when the slot is coded (else the op reads the raw stack);
-// then the escaped values (bf16 bits, in weight order); the row ends with the granules of 64 weights, 96 bytes each:
-// 32 bytes of codes (byte b holds storage position b in its low nibble and b + 32 in its high one), then 64 low
-// bytes. Weight p of a granule sits at storage position p with bit pairs 2-3 and 4-5 swapped: the order in which the
-// AVX-512 unpacks below give the weights back.
-constexpr int64_t GRANULE = 64, GRANULE_BYTES = 96;
+// Coded bf16 slots (kernels/bf16_codec.py has the format's spec; encode_coded_slots below writes it). With 32
+// distinct adapters the op is bound by reading their weights from memory; coded, a weight is 12 bits instead of 16:
+// its low byte, and a 4-bit code for its high byte (sign and upper exponent bits) through the slot's table of 15 high
+// bytes, code 15 taking the slot's next escaped value instead. Decoding is exact, so a coded slot gives the very sums
+// of its raw stack. A slot's row of bytes: [0, HEADER) the table, byte CODED being 1 when the slot is coded (else the
+// op reads the raw stack); then the escaped values (bf16 bits, in coded order); the row ends with the granules of the
+// slot's coded sequence (column tiles of up to 64 columns, each row-major and padded to whole granules), 96 bytes
+// each: 32 bytes of codes (byte b holds storage position b in its low nibble and b + 32 in its high one), then 64 low
+// bytes.
+constexpr int64_t GRANULE = 64, GRANULE_BYTES = 96, HEADER = 16, CODED = 15;
+
+// Where weight p of a granule is stored: p with bit pairs 2-3 and 4-5 swapped, the order in which the AVX-512
+// unpacks in Granules::next give the weights back.
+inline int64_t storage_position(int64_t p) { return (p & 3) | ((p >> 4) & 3) << 2 | ((p >> 2) & 3) << 4; }
 
 // Granules of a coded [K, N] slot: column tiles of up to 64 columns, each padded to whole granules.
 inline int64_t coded_granules(int64_t K, int64_t N) {
@@ -279,9 +283,10 @@ struct CodedSlot {
 inline CodedSlot coded_slot(const at::Tensor& coded, int64_t s, int64_t K, int64_t N) {
   const int64_t L = coded.size(1);
   const uint8_t* row = coded.data_ptr<uint8_t>() + s * L;
-  if (row[15] != 1) return {};
+  if (row[CODED] != 1) return {};
   const uint8_t* granules = row + L - GRANULE_BYTES * coded_granules(K, N);
-  return {row, reinterpret_cast<const uint16_t*>(row + 16), reinterpret_cast<const uint16_t*>(granules), granules};
+  return {row, reinterpret_cast<const uint16_t*>(row + HEADER), reinterpret_cast<const uint16_t*>(granules),
+          granules};
 }
 
 inline float bf16_bits(uint32_t bits) {
@@ -299,7 +304,7 @@ struct Quad {  // a granule's 64 weights, 16q to 16q + 15 in v[q]
 __attribute__((noinline)) Quad decode_slowly(const uint8_t* g, const CodedSlot& s, const uint16_t*& escape) {
   float w[GRANULE];
   for (int64_t p = 0; p < GRANULE; ++p) {
-    const int64_t j = (p & 3) | ((p >> 4) & 3) << 2 | ((p >> 2) & 3) << 4;
+    const int64_t j = storage_position(p);
     const int code = (g[j & 31] >> (j & 32 ? 4 : 0)) & 15;
     uint32_t bits = uint32_t(s.table[code]) << 8 | g[32 + j];
     if (code == 15) bits = escape < s.escapes_end ? *escape++ : 0;
@@ -596,7 +601,7 @@ void lora_packed_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& tok
       const at::Tensor& C = coded[i];
       const int64_t K = i == 0 ? x.size(1) : r, N = i == 0 ? W : Bs[i - 1].size(2);
       TORCH_CHECK(C.device().is_cpu() && C.scalar_type() == at::kByte && C.dim() == 2 && C.is_contiguous() &&
-                      C.size(0) == S && C.size(1) >= 16 + GRANULE_BYTES * coded_granules(K, N),
+                      C.size(0) == S && C.size(1) >= HEADER + GRANULE_BYTES * coded_granules(K, N),
                   "coded stack ", i, " must be a contiguous uint8 [S, L] with room for [", K, ", ", N, "] slots");
       coded_stacks.push_back(C);
     }
@@ -628,13 +633,13 @@ void kron_gather(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slot
 
 // Codes each [K, N] slot of bf16 `weights` ([S, K, N]) into its row of `rows` ([S, L] uint8) in the layout above
 // (bf16_codec.py is the spec: its decode_slot reads these rows back). A slot with more escapes than its row has room
-// for is marked not coded (byte 15 is 0), and the op reads its raw stack.
+// for is marked not coded (byte CODED is 0), and the op reads its raw stack.
 void encode_coded_slots(const at::Tensor& weights, at::Tensor rows) {
   TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kBFloat16 && weights.dim() == 3 &&
                   weights.is_contiguous(),
               "weights must be a contiguous bf16 CPU [S, K, N]");
   const int64_t S = weights.size(0), K = weights.size(1), N = weights.size(2), L = rows.size(1);
-  const int64_t G = coded_granules(K, N), room = (L - 16 - GRANULE_BYTES * G) / 2;
+  const int64_t G = coded_granules(K, N), room = (L - HEADER - GRANULE_BYTES * G) / 2;
   TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kByte && rows.dim() == 2 && rows.is_contiguous() &&
                   rows.size(0) == S && room >= 0,
               "rows must be a contiguous uint8 CPU [S, L] with room for [", K, ", ", N, "] slots");
@@ -654,10 +659,10 @@ void encode_coded_slots(const at::Tensor& weights, at::Tensor rows) {
       std::fill(code_of, code_of + 256, 15);
       int64_t escapes = K * N;
       for (int c = 0; c < 15; ++c) code_of[order[c]] = c, escapes -= count[order[c]];
-      if (escapes > room) continue;  // not coded: byte 15 stays 0
+      if (escapes > room) continue;  // not coded: byte CODED stays 0
       for (int c = 0; c < 15; ++c) row[c] = uint8_t(order[c]);
-      row[15] = 1;
-      uint16_t* escape = reinterpret_cast<uint16_t*>(row + 16);
+      row[CODED] = 1;
+      uint16_t* escape = reinterpret_cast<uint16_t*>(row + HEADER);
       uint8_t* g = row + L - GRANULE_BYTES * G;  // the granule being written, p its next place
       int64_t p = 0;
       // The coded sequence: column tiles of up to 64 columns, each row-major and padded to whole granules.
@@ -668,7 +673,7 @@ void encode_coded_slots(const at::Tensor& weights, at::Tensor rows) {
             const uint16_t v = w[k * N + c];
             const int code = code_of[v >> 8];
             if (code == 15) *escape++ = v;
-            const int64_t j = (p & 3) | ((p >> 4) & 3) << 2 | ((p >> 2) & 3) << 4;
+            const int64_t j = storage_position(p);
             g[j & 31] |= uint8_t(code << (j & 32 ? 4 : 0));
             g[32 + j] = uint8_t(v & 0xff);
             if (++p == GRANULE) p = 0, g += GRANULE_BYTES;

@@ -209,9 +209,7 @@ def pack_lora(A: Tensor, parts: Sequence[PackedPart], code_slots: bool = True) -
         cols, rows = [col for _, col, _ in parts], [row for _, _, row in parts]
         coded = []
         if code_slots and A.dtype == torch.bfloat16 and cpu_adapters.coded_slots_pay():
-            for raw in [A_storage, *storages]:
-                coded.append(torch.empty(raw.shape[0], bf16_codec.coded_row_bytes(*raw.shape[1:]), dtype=torch.uint8))
-                bf16_codec.encode_slots(raw, coded[-1])
+            coded = [bf16_codec.coded_stack(raw) for raw in [A_storage, *storages]]
         compiled = (A_storage, storages, cols, rows, parts[0][0].shape[2], coded)
     return PackedLora(A, tuple(parts), compiled)
 
