@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import (
+from switchboard.kernels.backend import (
     Backend,
     BackendUnavailable,
-    build_segments,
     default_backend,
     get_kernels,
-    lora_apply,
-    segmented_scale,
+    triton_unavailable_reason,
 )
-from switchboard.kernels.backend import triton_unavailable_reason
+from switchboard.kernels.scale import segmented_scale
+from switchboard.kernels.segments import build_segments
+from switchboard.kernels.sgmv import lora_apply
 
 
 def test_torch_and_reference_backends_always_load() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import build_segments, kron_apply, kron_apply_ref
+from switchboard.kernels.kron import kron_apply, kron_apply_ref
+from switchboard.kernels.segments import build_segments
 
 # (o1, i1, o2, i2, slots, tokens): in = i1*i2, out = o1*o2; square and non-square factors, both contraction orders
 SHAPES = [(2, 4, 32, 16, 1, 16), (8, 8, 64, 64, 4, 24), (4, 8, 344, 172, 32, 40), (16, 2, 4, 32, 4, 20)]

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import build_segments, cpu_adapters, sgmv
+from switchboard.kernels import cpu_adapters, sgmv
 from switchboard.kernels.backend import Backend, get_kernels
+from switchboard.kernels.segments import build_segments
 
 # (rank, in, part widths, slots, tokens): q|k|v with GQA widths, gate|up, a lone part, odd sizes for the tails
 SHAPES = [(16, 512, (512, 128, 128), 32, 40), (8, 64, (176, 176), 4, 24), (1, 96, (40,), 2, 9), (5, 33, (7, 19), 3, 17)]

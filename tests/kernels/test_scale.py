@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import build_segments, segmented_scale, segmented_scale_ref, segmented_scaled
+from switchboard.kernels.scale import segmented_scale, segmented_scale_ref, segmented_scaled
+from switchboard.kernels.segments import build_segments
 
 
 @pytest.mark.parametrize(("n", "S", "T"), [(64, 1, 16), (512, 4, 24), (1376, 32, 40)], ids=["n64", "n512", "n1376"])

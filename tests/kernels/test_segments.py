@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import NO_SLOT, build_segments
+from switchboard.kernels.segments import NO_SLOT, build_segments
 
 
 def test_runs_are_maximal_and_in_token_order() -> None:

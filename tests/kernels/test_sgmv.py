@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels import (
-    build_segments,
+from switchboard.kernels.segments import build_segments
+from switchboard.kernels.sgmv import (
+    is_k_major,
     lora_apply,
     lora_apply_ref,
     lora_expand,
     lora_expand_ref,
     lora_shrink,
     lora_shrink_ref,
+    to_k_major,
 )
-from switchboard.kernels.sgmv import is_k_major, to_k_major
 
 # (rank, in, out, slots, tokens): ranks 1..64, hidden sizes 64 / 512 / 1376, 1 / 4 / 32 adapters
 SHAPES = [(1, 64, 512, 1, 16), (8, 512, 64, 4, 24), (16, 1376, 512, 32, 40), (64, 512, 1376, 4, 33)]

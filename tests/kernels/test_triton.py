@@ -13,15 +13,10 @@ pytest.importorskip("triton", reason="the triton package is not installed (it is
 
 from triton.runtime.interpreter import InterpretedFunction
 
-from switchboard.kernels import (
-    build_segments,
-    lora_apply_ref,
-    lora_shrink_ref,
-    segmented_scale_ref,
-    to_k_major,
-    triton_scale,
-    triton_sgmv,
-)
+from switchboard.kernels import triton_scale, triton_sgmv
+from switchboard.kernels.scale import segmented_scale_ref
+from switchboard.kernels.segments import build_segments
+from switchboard.kernels.sgmv import lora_apply_ref, lora_shrink_ref, to_k_major
 
 INTERPRETED = isinstance(triton_sgmv._shrink_kernel, InterpretedFunction)
 
