@@ -1,50 +1,83 @@
 # Two set-up commands work on a fresh clone: `make serve` and `make test`. Both create .venv and install the
-# project with torch pinned (torch==2.13.0: a CPU wheel here, a CUDA build on a GPU machine).
+# project at the exact versions of a committed lock: requirements/cpu.txt, or requirements/cuda.txt where
+# nvidia-smi answers. `make lock` regenerates both from pyproject.toml (see requirements/README.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: install serve test bench lint demo-model demo-adapters seeded-adapters profile clean
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+LOCK ?= requirements/$(if $(shell nvidia-smi -L 2>/dev/null),cuda,cpu).txt
+# torch's CPU build (torch==2.13.0+cpu) is not on PyPI: pip takes it from a local wheelhouse (find-links) where one
+# has it, else from PyPI with PyTorch's CPU index beside it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Where `make lock` finds torch's CPU wheels: pip's own find-links if set, else PyTorch's CPU page for torch.
+TORCH_CPU_WHEELS ?= $(or $(PIP_FIND_LINKS),$(TORCH_CPU_INDEX)/torch/)
+LOCK_ARGS ?=
+COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --constraint requirements/pins.txt --custom-compile-command "make lock" --quiet $(LOCK_ARGS)
 
-$(STAMP): pyproject.toml
+DEMO_MODEL := .cache/demo-model
+DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
+SEEDED_STAMP := .cache/demo-adapters/.built
+
+.PHONY: install serve test bench lint lock demo-model demo-adapters seeded-adapters profile clean
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PIP) install -q "pip==$(PIP_VERSION)"
+	$(PIP) install -q -c $(LOCK) torch || $(PIP) install -q -c $(LOCK) --extra-index-url $(TORCH_CPU_INDEX) torch
+	$(PIP) install -q -c $(LOCK) setuptools
+	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-demo-model: $(STAMP)
-	$(VENV)/bin/switchboard demo-model --out .cache/demo-model
+# Regenerate both locks for Linux x86-64, Python 3.11. Versions already locked are kept unless
+# LOCK_ARGS="--upgrade" (everything) or LOCK_ARGS="--upgrade-package transformers" (one) asks for newer ones.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "uv==$(UV_VERSION)"
+	$(COMPILE) --find-links $(TORCH_CPU_WHEELS) -o requirements/cpu.txt
+	$(COMPILE) -o requirements/cuda.txt
+
+# File targets: each is built once and then only checked, so a second `make serve` goes straight to the server.
+$(DEMO_MODEL_STAMP): | $(STAMP)
+	$(VENV)/bin/switchboard demo-model --out $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL_STAMP)
 
 # Seeded random adapters (seconds): what `make serve` registers when no trained ones exist yet.
-seeded-adapters: demo-model
-	$(VENV)/bin/switchboard demo-adapters --model .cache/demo-model --out .cache/demo-adapters
+$(SEEDED_STAMP): $(DEMO_MODEL_STAMP)
+	$(VENV)/bin/switchboard demo-adapters --model $(DEMO_MODEL) --out .cache/demo-adapters
+	touch $@
+
+seeded-adapters: $(SEEDED_STAMP)
 
 # Train one adapter of each kind on its demo task (training/tasks/; a few minutes on 2 CPU threads).
-demo-adapters: demo-model
-	$(VENV)/bin/switchboard demo-adapters --train --model .cache/demo-model --out .cache/demo-adapters-trained
+demo-adapters: $(DEMO_MODEL_STAMP)
+	$(VENV)/bin/switchboard demo-adapters --train --model $(DEMO_MODEL) --out .cache/demo-adapters-trained
 
 # Per kind: the trained adapter if `make demo-adapters` has run, else the seeded one.
 demo_dir = $(if $(wildcard .cache/demo-adapters-trained/demo-$(1)/training_log.json),.cache/demo-adapters-trained,.cache/demo-adapters)
 DEMO_ADAPTER_FLAGS = $(foreach k,lora krona ia3 prefix,--adapter demo-$(k)=$(call demo_dir,$(k))/demo-$(k))
 
-serve: seeded-adapters
-	$(VENV)/bin/switchboard serve --model .cache/demo-model --host $(HOST) --port $(PORT) $(DEMO_ADAPTER_FLAGS) $(SERVE_ARGS)
+serve: $(STAMP) $(SEEDED_STAMP)
+	$(VENV)/bin/switchboard serve --model $(DEMO_MODEL) --host $(HOST) --port $(PORT) $(DEMO_ADAPTER_FLAGS) $(SERVE_ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q  # not `python -m pytest`: that puts the repo root on sys.path, where `import kernels` would find our folder
+	$(VENV)/bin/pytest -q
 
-bench: demo-model
-	$(VENV)/bin/switchboard bench --model .cache/demo-model
+bench: $(DEMO_MODEL_STAMP)
+	$(VENV)/bin/switchboard bench --model $(DEMO_MODEL)
 
-profile: demo-model
-	$(VENV)/bin/switchboard profile --model .cache/demo-model
+profile: $(DEMO_MODEL_STAMP)
+	$(VENV)/bin/switchboard profile --model $(DEMO_MODEL)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check serving adapters_store kernels loadtest training tests
