@@ -149,6 +149,27 @@ def _add_bench_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results/train.json"))
 
 
+def _add_build_kernels(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser(
+        "build-kernels",
+        help="compile the C++ CPU kernels now (or load an earlier build), so that no server start waits for them",
+    )
+
+
+def run_build_kernels() -> int:
+    """Build every C++ op library; 1 when one cannot be built (a server would run the torch path instead)."""
+    from switchboard.kernels.cpu_adapters import compiled_adapters_unavailable_reason
+    from switchboard.kernels.paged_attention import compiled_paged_attention_unavailable_reason
+
+    reasons = {
+        "cpu_adapters": compiled_adapters_unavailable_reason(),
+        "paged_attention": compiled_paged_attention_unavailable_reason(),
+    }
+    for name, reason in reasons.items():
+        print(f"{name}: {'ready' if reason is None else 'NOT BUILT, the torch path runs instead: ' + reason}")
+    return 1 if any(reasons.values()) else 0
+
+
 def model_dir(model: str) -> Path:
     """`demo` means the embedded demo checkpoint, built once under .cache/."""
     if model == "demo":
@@ -237,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     add_train_parser(sub)
     _add_bench_train(sub)
     _add_loadtest(sub)
+    _add_build_kernels(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bitsandbytes (imported by peft) warns at import that Hugging Face's optional `kernels` package is missing (it
@@ -245,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "build-kernels":
+            raise SystemExit(run_build_kernels())
         elif args.command == "bench-adapters":
             from .bench_adapters import run_bench_adapters
 
