@@ -1,9 +1,12 @@
-"""Build (or load an earlier build of) a small C++ op library with torch's `load_inline`, once per machine.
+"""Build (or load an earlier build of) a small C++ op library, once per machine, never holding up the server.
 
 The CPU kernels (paged decode attention, the LoRA gather) are C++ sources compiled on first use into
 ~/.cache/switchboard/torch_extensions/, keyed by a hash of the source, flags, torch version and CPU (the flags
 include -march=native), so later processes load them at once. Building needs a C++ compiler and ninja (a pip
-dependency). Where a build fails the caller gets the reason as a string and runs its torch path instead.
+dependency). Where a build fails or times out the caller gets the reason as a string and runs its torch path instead.
+
+A build holds `build_lock` (released by the OS if the builder dies, so a killed server never blocks the next one)
+and compiles in a child process that a timeout stops (`cpp_compile`); the library is then loaded here.
 """
 
 from __future__ import annotations
@@ -19,17 +22,37 @@ from pathlib import Path
 
 import torch
 
+from switchboard.kernels.build_lock import build_lock
+from switchboard.kernels.cpp_compile import DONE, CompileJob, compile_in_child
+
 logger = logging.getLogger(__name__)
 
 # Reassociating float sums lets gcc end a dot product with a shuffle tree rather than a chain of scalar adds
 # (20-30% faster); the kernels' arithmetic does not depend on the order of their sums.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 LDFLAGS = ["-fopenmp"]  # links libgomp.so.1; torch has loaded its own copy under that name, which is the one used
-_STALE_LOCK_S = 600  # a build lock older than this was left by a process killed mid-build
+BUILD_TIMEOUT_S = 300.0  # a build (or a wait for another process's) past this is given up; env overrides it
+TIMEOUT_ENV = "SWITCHBOARD_KERNEL_BUILD_TIMEOUT_S"
+TYPICAL_BUILD_S = 15  # what the start-up log promises for a first build (one kernel, two busy cores)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "switchboard" / "torch_extensions"
+
+
+def build_timeout_s() -> float:
+    """$SWITCHBOARD_KERNEL_BUILD_TIMEOUT_S where set to a positive number of seconds, else BUILD_TIMEOUT_S."""
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return BUILD_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds > 0:
+        return seconds
+    logger.warning("%s=%r is not a positive number of seconds; using %g", TIMEOUT_ENV, value, BUILD_TIMEOUT_S)
+    return BUILD_TIMEOUT_S
 
 
 def _cpu_id() -> str:
@@ -41,39 +64,55 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def build_ops(name: str, source: str, cflags: list[str] = CFLAGS, root: Path | None = None) -> str | None:
-    """Compile `source` (which registers ops with TORCH_LIBRARY_FRAGMENT) or load an earlier build of it.
-
-    Returns None once its ops are registered under torch.ops, else (after one warning) why not: no compiler,
-    no ninja, no setuptools, a compile error, an unwritable cache.
-    """
+def compile_job(name: str, source: str, cflags: list[str] = CFLAGS, root: Path | None = None) -> CompileJob:
+    """The build of `source`, in a directory of `root` (default `cache_root()`) named by `name` and a hash of all
+    the build depends on."""
     parts = [source, *cflags, *LDFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_id()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     build_dir = (root or cache_root()) / f"{name}_{key}"
-    start = time.perf_counter()
-    try:
-        from torch.utils import cpp_extension  # imports setuptools
+    return CompileJob(f"switchboard_{name}_{key}", source, cflags, LDFLAGS, str(build_dir))
 
-        # pip installs ninja beside this interpreter; a venv's bin is not on PATH when its scripts run directly.
-        bin_dir = str(Path(sys.executable).parent)
-        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        build_dir.mkdir(parents=True, exist_ok=True)
-        lock = build_dir / "lock"  # torch's build lock; a process killed mid-build leaves it, and others wait forever
-        if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-        cpp_extension.load_inline(
-            name=f"switchboard_{name}_{key}",
-            cpp_sources=[source],
-            extra_cflags=cflags,
-            extra_ldflags=LDFLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            no_implicit_headers=True,
-        )
-    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+
+def build_ops(
+    name: str, source: str, cflags: list[str] = CFLAGS, root: Path | None = None, timeout_s: float | None = None
+) -> str | None:
+    """Compile `source` (which registers ops with TORCH_LIBRARY_FRAGMENT) or load an earlier build of it.
+
+    Returns None once its ops are registered under torch.ops, else (after one warning) why not: no compiler,
+    no ninja, no setuptools, a compile error, an unwritable cache, a build (ours or another process's) past
+    `timeout_s` (default `build_timeout_s()`).
+    """
+    job = compile_job(name, source, cflags, root)
+    build_dir = Path(job.build_dir)
+    try:
+        if (build_dir / DONE).exists():
+            logger.info("%s: C++ kernel loaded from cache %s", name, build_dir)
+        else:
+            _build(name, job, timeout_s if timeout_s is not None else build_timeout_s())
+        torch.ops.load_library(build_dir / f"{job.module}.so")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # BuildLockTimeout is an OSError
         reason = f"{type(e).__name__}: {e}"[:2000]
         logger.warning("%s: the C++ kernel cannot be built, the torch path runs instead: %s", name, reason)
         return reason
-    logger.info("%s: C++ kernel loaded in %.1f s from %s", name, time.perf_counter() - start, build_dir)
     return None
+
+
+def _build(name: str, job: CompileJob, timeout_s: float) -> None:
+    """Compile `job` under the build lock, unless the process we waited for has built it."""
+    build_dir = Path(job.build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(build_dir / "build.lock", timeout_s) as lock_fd:
+        if (build_dir / DONE).exists():
+            logger.info("%s: C++ kernel built by another process in %s", name, build_dir)
+            return
+        torch_lock = build_dir / "lock"  # torch's; every builder holds ours first, so one here is stale
+        if torch_lock.exists():
+            logger.warning("%s: removing %s, left by a build that was killed", name, torch_lock)
+            torch_lock.unlink(missing_ok=True)
+        logger.info("building %s in %s (first start on this machine, ~%d s)", name, build_dir, TYPICAL_BUILD_S)
+        start = time.perf_counter()
+        try:
+            compile_in_child(job, timeout_s, keep_fds=(lock_fd,))
+        finally:
+            torch_lock.unlink(missing_ok=True)  # the child, stopped at the timeout, may have left it
+        logger.info("%s: C++ kernel built in %.1f s", name, time.perf_counter() - start)
