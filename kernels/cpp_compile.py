@@ -60,8 +60,7 @@ def compile_in_child(job: CompileJob, timeout_s: float, keep_fds: tuple[int, ...
         raise CompileError(f"the compile ran past its timeout of {timeout_s:g} s and was stopped") from None
     finally:
         if child.returncode is None:  # timed out or interrupted: stop the child, ninja and the compiler
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
+            kill_session(child.pid)
             child.wait()
     if child.returncode != 0:
         raise CompileError(err.strip() or f"the compile exited with status {child.returncode}")
@@ -89,14 +88,48 @@ def main() -> None:
     (Path(job.build_dir) / DONE).write_text(f"{time.perf_counter() - start:.1f}\n")
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL the processes of session `sid` (the child, ninja, the compiler), this one last if it is among them.
+
+    Killing the child's process group is not enough: ninja starts each command in a process group of its own.
+    Without /proc (not Linux) only the group of `sid` is killed.
+    """
+    if not os.path.isdir("/proc"):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sid, signal.SIGKILL)
+        return
+    for _ in range(10):  # ninja may start a command while we kill: look again
+        others = [pid for pid in _session_members(sid) if pid != os.getpid()]
+        if not others:
+            break
+        for pid in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if os.getsid(0) == sid:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _session_members(sid: int) -> list[int]:
+    """The live (not zombie) processes of session `sid`, from /proc/<pid>/stat."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:  # "pid (comm) state ppid pgrp session ...", where comm may hold spaces and parentheses
+            state, _ppid, _pgrp, session = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except OSError:  # it has just exited
+            continue
+        if state != "Z" and int(session) == sid:
+            members.append(int(pid))
+    return members
+
+
 def _die_with(parent: int) -> None:
     """On Linux, kill this session (this process, ninja, the compiler) when `parent` dies."""
     if sys.platform != "linux":
         return  # an orphaned build runs to its end, holding the build lock it inherited
-    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    signal.signal(signal.SIGTERM, lambda *_: kill_session(os.getsid(0)))
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before prctl took effect
-        os.killpg(0, signal.SIGKILL)
+        kill_session(os.getsid(0))
 
 
 if __name__ == "__main__":
