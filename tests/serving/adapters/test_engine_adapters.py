@@ -11,11 +11,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from switchboard.adapters_store.kinds import AdapterError
-from switchboard.kernels import cpu_adapters
+from switchboard.adapters_store.kinds.base import AdapterError
+from switchboard.kernels.cpu_adapters import coded_slots_pay, compiled_adapters_available
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
 from switchboard.serving.engine.request import SamplingParams
+from switchboard.training.greedy import greedy_tokens
 
 KINDS = ["lora", "lora-rslora", "lokr-full", "lokr-decomposed", "ia3", "prefix"]
 PROMPT = [0, 45, 300, 12, 77, 401, 9, 230, 18, 64, 99, 150]
@@ -28,9 +29,7 @@ def _engine(model_dir: Path, adapters: dict[str, Path], **kw) -> LLMEngine:
 
 def _peft(model_dir: Path, adapter_dir: Path) -> PeftModel:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    model.generation_config.eos_token_id = None  # like ignore_eos
-    return model
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +44,13 @@ def test_logits_and_greedy_tokens_match_peft(
     peft = _peft(tiny_model_dir, peft_adapters[name])
     with torch.inference_mode():
         ref = peft(input_ids=torch.tensor([PROMPT])).logits[0]
-        ref_tokens = peft.generate(input_ids=torch.tensor([PROMPT]), max_new_tokens=32, do_sample=False)
         with peft.disable_adapter():
             base = peft(input_ids=torch.tensor([PROMPT])).logits[0]
+    ref_tokens = greedy_tokens(peft, PROMPT, GREEDY.max_tokens)
     ours = engine.prompt_logits(PROMPT, name)
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (ref - base).abs().max().item() > 1e-2  # the adapter really changes the output
-    assert engine.generate([PROMPT], GREEDY, [name])[0] == ref_tokens[0, len(PROMPT) :].tolist()
+    assert engine.generate([PROMPT], GREEDY, [name])[0] == ref_tokens
 
 
 def test_mixed_batch_of_every_kind_equals_each_request_alone(
@@ -160,9 +159,7 @@ def test_malformed_adapters_are_refused_at_start_up(
 
 def test_prefix_with_a_one_token_prompt(engine: LLMEngine, tiny_model_dir: Path, peft_adapters) -> None:
     # A 1-token prompt is scheduled as a decode token: its prefix must still be written first.
-    peft = _peft(tiny_model_dir, peft_adapters["prefix"])
-    with torch.inference_mode():
-        ref = peft.generate(input_ids=torch.tensor([[0]]), max_new_tokens=16, do_sample=False)[0, 1:].tolist()
+    ref = greedy_tokens(_peft(tiny_model_dir, peft_adapters["prefix"]), [0], 16)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     assert engine.generate([[0]], params, ["prefix"])[0] == ref
 
@@ -197,8 +194,8 @@ def test_coded_lora_slots_give_the_same_tokens(tiny_model_dir: Path, peft_adapte
         )
         engine = LLMEngine(config)
         packed = [p.compiled for p in engine.adapter_slots.lora_packed.values() if p.compiled is not None]
-        coded = code and cpu_adapters.compiled_adapters_available() and cpu_adapters.coded_slots_pay()
-        assert packed or not cpu_adapters.compiled_adapters_available()
+        coded = code and compiled_adapters_available() and coded_slots_pay()
+        assert packed or not compiled_adapters_available()
         assert all(bool(c[5]) == coded for c in packed)
         tokens[code] = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), names)
     assert tokens[True] == tokens[False]

@@ -1,4 +1,5 @@
-"""Greedy generation equals transformers' `generate`: alone, among 16 concurrent requests, and under preemption."""
+"""Greedy generation equals greedy decoding by transformers' forward passes (training/greedy.py): alone, among 16
+concurrent requests, and under preemption."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
 from switchboard.serving.engine.request import FinishReason, SamplingParams
+from switchboard.training.greedy import greedy_tokens
 
 NEW_TOKENS = 64
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -26,14 +28,7 @@ def prompts() -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # like ignore_eos: EOS may be generated and does not stop
-    out = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-            out.append(gen[0, len(p) :].tolist())
-    return out
+    return [greedy_tokens(hf, p, NEW_TOKENS) for p in prompts]
 
 
 def _engine(model_dir: Path, **kw) -> LLMEngine:
