@@ -1,5 +1,6 @@
 """`make demo-adapters`: train one adapter of each kind on its demo task (training/tasks/), then check it on held-out
-prompts by greedy generation with transformers + PEFT, so a user sees what each adapter learned before serving it."""
+prompts by greedy decoding with transformers + PEFT (greedy.py), so a user sees what each adapter learned before
+serving it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import ALL_LINEAR, TrainConfig, TrainKind
 from .data import read_rows, split
+from .greedy import greedy_tokens
 from .trainer import LOG_FILE, summary, train
 
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -66,10 +68,11 @@ def held_out_accuracy(cfg: TrainConfig, limit: int = 16) -> tuple[float, list[tu
     model = PeftModel.from_pretrained(base, cfg.out).eval()
     samples, hits = [], 0
     for row in held_out[:limit]:
-        ids = tokenizer(row.prompt, return_tensors="pt")["input_ids"]
         want = tokenizer(row.completion, add_special_tokens=False)["input_ids"]
-        out = model.generate(input_ids=ids, max_new_tokens=len(want) + 4, do_sample=False)
-        got = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        out = greedy_tokens(model, tokenizer(row.prompt)["input_ids"], len(want) + 4)
+        if tokenizer.eos_token_id in out:
+            out = out[: out.index(tokenizer.eos_token_id)]
+        got = tokenizer.decode(out, skip_special_tokens=True)
         hits += got.strip() == row.completion.strip()
         samples.append((row.prompt.strip(), row.completion.strip(), got.strip()))
     return hits / max(1, len(samples)), samples
