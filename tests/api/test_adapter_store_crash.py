@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,48 +17,12 @@ import pytest
 
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
 
+from ..serve_process import ServeProcess
 from .adapter_files import base_shape, lora_files, upload
 
-STARTUP_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServeProcess:
-    def __init__(self, model_dir: Path, store: Path, log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        exe = Path(sys.executable).parent / "switchboard"
-        cmd = [str(exe), "serve", "--model", str(model_dir), "--store", str(store), "--port", str(self.port)]
-        cmd += ["--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "64"]
-        cmd += ["--log-level", "warning"]
-        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"switchboard serve exited with {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"switchboard serve did not start:\n{log.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
+# As an operator would start it; the store is the test's and survives the restart.
+FLAGS = ("--dtype", "float32", "--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "64",
+         "--log-level", "warning")  # fmt: skip
 
 
 @pytest.fixture()
@@ -103,9 +65,9 @@ def _completion(url: str, model: str) -> str:
 def test_sigkill_mid_upload_leaves_nothing_visible(
     processes: list[ServeProcess], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    store, log = tmp_path / "store", tmp_path / "serve.log"
+    store = tmp_path / "store"
     shape = base_shape(tiny_model_dir)
-    first = ServeProcess(tiny_model_dir, store, log)
+    first = ServeProcess(tmp_path, tiny_model_dir, *FLAGS, store=store)
     processes.append(first)
     with httpx.Client(base_url=first.url, timeout=60) as http:
         kept = upload(http, "kept", lora_files(shape, seed=1))
@@ -121,7 +83,7 @@ def test_sigkill_mid_upload_leaves_nothing_visible(
     sock.close()
     assert any(staged.iterdir())  # the kill did leave a half-written file behind
 
-    second = ServeProcess(tiny_model_dir, store, log)
+    second = ServeProcess(tmp_path, tiny_model_dir, *FLAGS, store=store)
     processes.append(second)
     with httpx.Client(base_url=second.url, timeout=60) as http:
         assert [a["id"] for a in http.get("/v1/adapters").json()["data"]] == ["kept"]

@@ -4,9 +4,6 @@ results.json valid against its schema, the report and the PNGs written."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,60 +16,23 @@ from switchboard.loadtest.config import Endpoint, LengthSpec, LoadTestConfig, Po
 from switchboard.loadtest.main import run
 from switchboard.loadtest.report import SCHEMA_PATH
 
+from ..serve_process import ServeProcess
+
 ADAPTERS = ("lora", "ia3", "prefix")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server_url(
     tiny_model_dir: Path, peft_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """`switchboard serve` in its own process, as an operator would run it (in a temporary directory, so that
-    uploads land in a store of its own)."""
-    port = _free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("switchboard")),
-        "serve",
-        "--model",
-        str(tiny_model_dir),
-        "--dtype",
-        "float32",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "256",
-        "--kv-cache-gb",
-        "0.05",
-        "--num-threads",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    """`switchboard serve` in its own process, as an operator would run it, in a directory and on an adapter store of
+    its own (where the uploads below land)."""
+    flags = ["--dtype", "float32", "--max-model-len", "256", "--kv-cache-gb", "0.05", "--num-threads", "1"]
+    flags += ["--log-level", "warning"]
     for name in ADAPTERS:
-        cmd += ["--adapter", f"{name}={peft_adapters[name]}"]
-    workdir = tmp_path_factory.mktemp("server")
-    log = workdir / "server.log"  # a file, not a pipe: a pipe nobody reads would block a chatty server
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not answer /health in 90 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        flags += ["--adapter", f"{name}={peft_adapters[name]}"]
+    with ServeProcess(tmp_path_factory.mktemp("server"), tiny_model_dir, *flags) as server:
+        yield server.url
 
 
 def _check_report(out: Path) -> dict:

@@ -34,7 +34,7 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
         "--out",
         str(tmp_path),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["batch_sizes"] == [1, 4] and set(report["by_batch_size"]) == {"1", "4"}

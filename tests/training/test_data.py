@@ -62,7 +62,8 @@ def test_train_command_prints_its_figures(tiny_model_dir: Path, tmp_path: Path) 
     data.write_text("".join(json.dumps({"prompt": f"Q{i}", "completion": " A"}) + "\n" for i in range(20)))
     script = Path(sys.executable).with_name("switchboard")
     cmd = [str(script), "train", "--model", str(tiny_model_dir), "--kind", "ia3", "--data", str(data)]
-    done = subprocess.run([*cmd, "--out", str(tmp_path / "ia3"), "--max-steps", "2"], capture_output=True, text=True)
+    args = [*cmd, "--out", str(tmp_path / "ia3"), "--max-steps", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for needle in ("trainable parameters:", "peak memory:", "tokens/s", "held-out loss:"):
         assert needle in done.stdout

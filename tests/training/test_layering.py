@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 SCRIPT = """
 import sys
@@ -15,6 +16,6 @@ print("ok")
 """
 
 
-def test_training_does_not_import_serving() -> None:
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
+def test_training_does_not_import_serving(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
