@@ -1,7 +1,36 @@
-"""Shared fixtures: a small seeded checkpoint and PEFT adapters of every kind, built locally (nothing is downloaded)."""
+"""Shared fixtures: a small seeded checkpoint and PEFT adapters of every kind, built locally (nothing is downloaded).
+
+The session owns its state: what it and the servers it starts would cache goes to a directory of its own, removed
+at the end, and the session fails if it changed the repository's caches or the user's (`_watched_state`).
+"""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Set before the imports below, some of which read them (huggingface_hub reads HF_HOME at import; torch inductor,
+# which bitsandbytes imports, creates its cache directory then); the servers the tests start inherit them. The C++
+# kernels are thus built once per session rather than once per machine.
+os.environ["SWITCHBOARD_TEST_CACHES"] = tempfile.mkdtemp(prefix="switchboard-test-caches-")
+os.environ.update(
+    {
+        var: os.path.join(os.environ["SWITCHBOARD_TEST_CACHES"], name)
+        for var, name in [
+            ("XDG_CACHE_HOME", "xdg"),  # kernels/cpp_build.py and other XDG-minded code (torch hub)
+            ("MPLCONFIGDIR", "matplotlib"),  # its font cache and config
+            ("HF_HOME", "huggingface"),
+            ("TRITON_HOME", "triton"),  # its cache, dump and override directories
+            ("TRITON_CACHE_DIR", "triton/cache"),  # which a user's own setting would otherwise override
+            ("TORCHINDUCTOR_CACHE_DIR", "torchinductor"),
+        ]
+    }
+)
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded (bitsandbytes asks the Hub for kernels at import)
+os.environ.pop("SWITCHBOARD_API_KEY", None)  # `switchboard upload` would send a key from the user's shell
+
+import contextlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +40,64 @@ from transformers import AutoModelForCausalLM
 
 from switchboard.serving.demo import build_demo_model, tiny_spec
 from switchboard.serving.demo_adapters import ALL_LINEAR, seed_adapter_weights
+
+REPO = Path(__file__).resolve().parents[1]
+HOME_CACHE = Path.home() / ".cache"
+# Compared path by path before and after the session: the repository's caches and outputs, and the user caches that
+# our kernels and the libraries above write by default.
+WATCHED_TREES = (
+    REPO / ".cache",
+    REPO / "bench-results",
+    HOME_CACHE / "switchboard",
+    HOME_CACHE / "matplotlib",
+    HOME_CACHE / "huggingface",
+    HOME_CACHE / "torch",
+    Path.home() / ".config" / "matplotlib",
+    Path.home() / ".triton",
+)
+# Compared by their entries only (a new one: a relative path written to the working directory, or a library not
+# listed above): other work updates the package managers' caches in ~/.cache while the suite runs.
+WATCHED_LISTINGS = (REPO, HOME_CACHE)
+UNWATCHED = {".pytest_cache"}  # pytest's own (--lf), written at the end of every session
+_BEFORE = pytest.StashKey[dict[Path, int | None]]()
+_CHANGED = pytest.StashKey[list[Path]]()
+
+
+def _watched_state() -> dict[Path, int | None]:
+    """Each watched path -> its mtime in ns, or None for an entry whose presence alone is compared."""
+    state: dict[Path, int | None] = {}
+    for top in WATCHED_LISTINGS:
+        if top.is_dir():
+            state |= dict.fromkeys((p for p in top.iterdir() if p.name not in UNWATCHED), None)
+    for tree in WATCHED_TREES:
+        for path in [tree, *tree.rglob("*")] if tree.exists() else []:
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile: it shows as changed
+                state[path] = path.lstat().st_mtime_ns
+    return state
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _watched_state()
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down and their servers stopped
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    before, after = session.config.stash[_BEFORE], _watched_state()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p, -1) != after.get(p, -1))
+    if changed:
+        session.config.stash[_CHANGED] = changed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if changed := config.stash.get(_CHANGED, []):
+        terminalreporter.write_sep("=", "FAILED: the session wrote outside its temporary directories", red=True)
+        for path in changed:
+            terminalreporter.write_line(f"created, changed or removed: {path}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ["SWITCHBOARD_TEST_CACHES"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
