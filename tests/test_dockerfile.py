@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from .serve_process import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 OS_LEVEL = ("apt-get ", "rm -rf /var/lib/apt/lists/", "useradd ")
 
@@ -86,14 +88,6 @@ def make_venv(tmp: Path) -> Path:
     (venv / "bin" / "pip").write_text(f'#!/bin/sh\nexec "{venv / "bin" / "python"}" -m pip "$@"\n')
     (venv / "bin" / "pip").chmod(0o755)
     return venv
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

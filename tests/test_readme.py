@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from .serve_process import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 pytestmark = pytest.mark.slow
@@ -35,14 +37,6 @@ def readme_blocks(section: str) -> list[tuple[str, str]]:
     parts = re.split(r"^## ", text, flags=re.M)
     body = parts[0] if not section else next(p for p in parts[1:] if p.startswith(section))
     return re.findall(r"^```(\w*)\n(.*?)^```", body, flags=re.M | re.S)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:

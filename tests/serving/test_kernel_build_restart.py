@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..serve_process import free_port
 
 
 def _serve(model_dir: Path, cache: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     """`switchboard serve` in a process group of its own, logging to `log`; returns it and its port."""
-    port = _free_port()
+    port = free_port()
     cmd = [str(Path(sys.executable).with_name("switchboard")), "serve", "--model", str(model_dir)]
     cmd += ["--port", str(port), "--dtype", "float32", "--num-kv-blocks", "64", "--log-level", "warning"]
+    cmd += ["--store", str(log.parent / "store")]
     with log.open("w") as out:
         proc = subprocess.Popen(
             cmd,
+            cwd=log.parent,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "XDG_CACHE_HOME": str(cache)},
