@@ -3,7 +3,8 @@ it raises, and the readers for a PEFT directory (`adapter_config.json` + `adapte
 
 A PEFT directory is untrusted input (users upload it). Everything here refuses rather than guesses: only the
 safetensors file is ever read (never a pickle, never `torch.load`), tensor names and shapes are checked from the
-safetensors header before any tensor is loaded, and every loaded value must be finite.
+safetensors header before any tensor is loaded, and every loaded value must be finite. Once a kind has folded its
+config's scales in, what it will serve must also stay within `MAX_SERVED_MAGNITUDE` (`check_served`, `check_probe`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ MAX_CONFIG_BYTES = 1 << 20
 # Files a PEFT directory may hold that are pickles (torch.save / pickle.dump). They are named, never opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+# The largest |value| served: every folded tensor element, and every element of an adapter's update of a unit-norm
+# probe input. Trained adapters stay orders of magnitude below it (folded LoRA/KronA factors and (IA)3 scales are
+# O(1e-3..10), prefix keys and values O(10)), while 1e4 times an O(1) activation stays well inside fp16's 65504 (and
+# bf16's float32 range): a `lora_alpha` of 1e300 or an (IA)3 scale of 3e38 is finite in the file but not once served.
+MAX_SERVED_MAGNITUDE = 1e4
+PROBE_SEED = 0
 
 # Llama-family projection -> the block attribute that holds it (`model.layers.{i}.{parent}.{module}`)
 TARGET_MODULES: dict[str, str] = {
@@ -148,6 +155,12 @@ class Adapter(Protocol):
         """Dense float32 delta in nn.Linear layout [out, in] (LoRA, KronA); for tests and merging only."""
         ...
 
+    def probe(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's update of a unit-norm input `x` [in], float32, without the base weight (for validation):
+        LoRA and KronA `delta(layer, module) @ x` [out] from the factors; (IA)3 the scaling applied to a unit-scale
+        activation (`x * l` on the input side, `l` on the output side)."""
+        ...
+
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """The merged weight (same dtype as `weight`), computed in float32."""
         ...
@@ -225,6 +238,27 @@ class WeightsFile:
         if not torch.isfinite(value).all():
             raise self.error(f"tensor {key!r} holds NaN or Inf values")
         return value
+
+
+def check_served(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """`tensor` (its scale folded in) as it will be served: finite and within MAX_SERVED_MAGNITUDE, else refused."""
+    peak = tensor.abs().max().item() if tensor.numel() else 0.0
+    if not peak <= MAX_SERVED_MAGNITUDE:  # also NaN
+        raise AdapterError(
+            f"{what} reaches |value| {peak:.4g} as served; served values must be finite and at most "
+            f"{MAX_SERVED_MAGNITUDE:g}",
+            WEIGHTS_FILE,
+        )
+    return tensor
+
+
+def check_probe(adapter: Adapter, base: BaseModelShape) -> None:
+    """Apply the adapter's update to a fixed random unit-norm input per target module and refuse an output that is
+    not finite or above MAX_SERVED_MAGNITUDE: factors within the bound one by one can still multiply past it."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    for layer, module in adapter.modules():
+        x = torch.randn(base.module_shape(module)[1], generator=generator)
+        check_served(adapter.probe(layer, module, x / x.norm()), f"layer {layer} {module}: the update of a probe input")
 
 
 @contextmanager

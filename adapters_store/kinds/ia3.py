@@ -27,6 +27,7 @@ from switchboard.adapters_store.kinds.base import (
     AdapterError,
     AdapterKind,
     BaseModelShape,
+    check_served,
     group_keys,
     module_key,
     open_weights,
@@ -83,7 +84,7 @@ class IA3Adapter:
                     )
                 sides[(layer, module)] = (key, side)
             for (layer, module), (key, side) in sides.items():
-                vectors[(layer, module)] = (file.tensor(key).reshape(-1), side)
+                vectors[(layer, module)] = (check_served(file.tensor(key).reshape(-1), f"tensor {key!r}"), side)
         return cls(
             name=name,
             path=path,
@@ -97,6 +98,10 @@ class IA3Adapter:
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
         raise AdapterError(f"{self.name}: (IA)3 scales weights; it has no additive delta (use merge)")
+
+    def probe(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        vector, side = self.vectors[(layer, module)]
+        return x * vector if side == "input" else vector
 
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """Rows (output) or columns (input) of `weight` times l, in float32, cast back; untouched: as is."""

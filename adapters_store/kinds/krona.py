@@ -30,6 +30,7 @@ from switchboard.adapters_store.kinds.base import (
     AdapterKind,
     BaseModelShape,
     WeightsFile,
+    check_served,
     check_shape,
     config_int,
     config_number,
@@ -56,6 +57,11 @@ class FactorLayout:
     rows: int
     cols: int
     rank_bound: int
+
+    @property
+    def name(self) -> str:
+        """The factor as an error message names it: `tensor 'w'` or `tensor 'a' @ tensor 'b'`."""
+        return " @ ".join(f"tensor {key!r}" for key in self.keys)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -95,8 +101,9 @@ class KronaAdapter:
                 rank = max(rank, min(w1.rank_bound * w2.rank_bound, out_features, in_features))
             for (layer, module), (w1_layout, w2_layout, r) in layouts.items():
                 alpha = pattern_number(config, "alpha_pattern", module_key(layer, module), default_alpha)
-                w1 = load_factor(file, w1_layout) * (alpha / r)
-                w2 = load_factor(file, w2_layout)
+                scale = alpha / r
+                w1 = check_served(load_factor(file, w1_layout) * scale, f"{w1_layout.name} times the scale {scale:.4g}")
+                w2 = check_served(load_factor(file, w2_layout), w2_layout.name)
                 factors[(layer, module)] = (w1, w2)
                 num_parameters += sum(math.prod(file.shapes[k]) for k in (*w1_layout.keys, *w2_layout.keys))
         return cls(name=name, path=path, base=base, factors=factors, num_parameters=num_parameters, rank=rank)
@@ -110,6 +117,11 @@ class KronaAdapter:
             return torch.zeros(self.base.module_shape(module))
         w1, w2 = self.factors[(layer, module)]
         return torch.kron(w1, w2)
+
+    def probe(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        """`kron(w1, w2) @ x` as `w1 @ X @ w2^T` with X = x viewed as [i1, i2], never materialising the kron."""
+        w1, w2 = self.factors[(layer, module)]
+        return (w1 @ x.view(w1.shape[1], w2.shape[1]) @ w2.T).reshape(-1)
 
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """`weight + s kron(w1, w2)` in float32, cast back; an untouched module's weight is returned as is."""

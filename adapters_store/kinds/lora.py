@@ -24,6 +24,7 @@ from switchboard.adapters_store.kinds.base import (
     AdapterError,
     AdapterKind,
     BaseModelShape,
+    check_served,
     check_shape,
     config_bool,
     config_int,
@@ -102,8 +103,9 @@ class LoraAdapter:
                 rank = ranks[(layer, module)]
                 alpha = pattern_number(config, "alpha_pattern", module_key(layer, module), default_alpha)
                 scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-                a = file.tensor(keys["lora_A.weight"])
-                b = file.tensor(keys["lora_B.weight"]) * scale
+                a = check_served(file.tensor(keys["lora_A.weight"]), f"tensor {keys['lora_A.weight']!r}")
+                b_key = keys["lora_B.weight"]
+                b = check_served(file.tensor(b_key) * scale, f"tensor {b_key!r} times the scale {scale:.4g}")
                 weights[(layer, module)] = (a, b)
         return cls(
             name=name,
@@ -123,6 +125,10 @@ class LoraAdapter:
             return torch.zeros(self.base.module_shape(module))
         a, b = self.weights[(layer, module)]
         return b @ a
+
+    def probe(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.weights[(layer, module)]
+        return b @ (a @ x)
 
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         """`weight + s B A` in float32, cast back; an untouched module's weight is returned as is."""

@@ -27,6 +27,7 @@ from switchboard.adapters_store.kinds.base import (
     AdapterError,
     AdapterKind,
     BaseModelShape,
+    check_served,
     check_shape,
     config_bool,
     config_int,
@@ -77,7 +78,7 @@ class PrefixAdapter:
             if KEY not in file.shapes:
                 raise file.error(f"missing tensor {KEY!r}")
             check_shape(file, KEY, (num_tokens, base.num_layers * 2 * base.kv_dim))
-            embeddings = file.tensor(KEY)
+            embeddings = check_served(file.tensor(KEY), f"tensor {KEY!r}")
         # [P, L * 2 * kv_dim] -> [P, L, 2, H, D] -> [L, 2, P, H, D]
         kv = embeddings.view(num_tokens, base.num_layers, 2, base.num_kv_heads, base.head_dim)
         kv = kv.permute(1, 2, 0, 3, 4).contiguous()
@@ -91,6 +92,9 @@ class PrefixAdapter:
         return []
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
+        raise self._cannot_merge()
+
+    def probe(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor:
         raise self._cannot_merge()
 
     def merge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from switchboard.adapters_store.kinds.base import (
     AdapterKind,
     BaseModelShape,
     adapter_files,
+    check_probe,
     read_config,
 )
 from switchboard.adapters_store.kinds.ia3 import IA3Adapter
@@ -54,4 +55,6 @@ def load_adapter(path: Path | str, base: BaseModelShape, name: str | None = None
         raise AdapterError(
             f"peft_type {peft_type!r} is not supported; supported: {', '.join(ADAPTER_CLASSES)}", CONFIG_FILE
         )
-    return adapter_class.load(path, config, base, name or path.name)
+    adapter = adapter_class.load(path, config, base, name or path.name)
+    check_probe(adapter, base)
+    return adapter

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE
@@ -48,6 +48,14 @@ def lora_files(base: BaseModelShape, *, rank: int = 2, seed: int = 0) -> Files:
 
 def dir_files(path: Path) -> Files:
     return {name: (path / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+
+
+def huge_ia3_files(ia3_dir: Path) -> Files:
+    """The (IA)3 adapter of `ia3_dir` with one component of layer 0's k_proj vector set to 3e38 (finite in float32,
+    not once served)."""
+    tensors = load_file(ia3_dir / WEIGHTS_FILE)
+    tensors["base_model.model.model.layers.0.self_attn.k_proj.ia3_l"][0, 0] = 3e38
+    return {CONFIG_FILE: (ia3_dir / CONFIG_FILE).read_bytes(), WEIGHTS_FILE: save(tensors)}
 
 
 def upload(

@@ -13,7 +13,16 @@ from safetensors.torch import save
 
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
 
-from .adapter_files import base_shape, dir_files, lora_config, lora_files, lora_tensors, tree_digest, upload
+from .adapter_files import (
+    base_shape,
+    dir_files,
+    huge_ia3_files,
+    lora_config,
+    lora_files,
+    lora_tensors,
+    tree_digest,
+    upload,
+)
 from .conftest import RunningServer, ServerFactory
 
 MAX_BYTES = 50_000  # the peft `lora` fixture (r=8 on every linear) is about 66 kB: over it
@@ -72,6 +81,12 @@ def _bad_uploads(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> dict[s
         "rank over --max-lora-rank": ("bad", lora_files(shape, rank=8), 422),
         "too many virtual tokens": ("bad", dir_files(peft_adapters["prefix"]), 422),
         "missing weights": ("bad", {CONFIG_FILE: config}, 422),
+        "lora_alpha 1e300": (
+            "bad",
+            {CONFIG_FILE: json.dumps(lora_config(lora_alpha=1e300)).encode(), WEIGHTS_FILE: good[WEIGHTS_FILE]},
+            422,
+        ),
+        "(IA)3 vector 3e38": ("bad", huge_ia3_files(peft_adapters["ia3"]), 422),
     }
 
 
@@ -90,6 +105,8 @@ CASES = [
     "rank over --max-lora-rank",
     "too many virtual tokens",
     "missing weights",
+    "lora_alpha 1e300",
+    "(IA)3 vector 3e38",
 ]
 
 
@@ -118,6 +135,8 @@ def test_messages_name_the_problem(http: httpx.Client, tiny_model_dir: Path, pef
         "rank over --max-lora-rank": "--max-lora-rank",
         "too many virtual tokens": "--max-virtual-tokens",
         "1000-char id": "A-Z",
+        "lora_alpha 1e300": "q_proj.lora_B.weight' times the scale 5e+299 reaches |value| inf",
+        "(IA)3 vector 3e38": "k_proj.ia3_l' reaches |value| 3e+38",
     }
     for case, word in expected.items():
         adapter_id, files, _ = cases[case]
