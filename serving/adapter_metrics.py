@@ -1,10 +1,12 @@
 """Adapter metrics: usage by adapter with bounded label cardinality, the three cache tiers, and vLLM's
 `vllm:lora_requests_info` gauge (which Kubernetes LoRA-affinity routers read).
 
-Per-adapter counts are kept in memory for every adapter; at scrape time the busiest `top_n` (by requests) are
-exported under their own `adapter` label and the rest summed under `other`, so a store of thousands of adapters
-stays a few dozen series. (An adapter moving into the top N moves its counts out of `other`, which then drops: a
-counter reset to Prometheus' `rate`.)
+Adapter ids name tenants' adapters, so by default none reaches `/metrics`: usage is exported as `base` (no adapter)
+and `other` (every adapter), and vLLM's gauge is left out. With `serve --metrics-per-adapter`, per-adapter counts
+are kept in memory for every adapter; at scrape time the busiest `top_n` (by requests) are exported under their own
+`adapter` label and the rest summed under `other`, so a store of thousands of adapters stays a few dozen series. (An
+adapter moving into the top N moves its counts out of `other`, which then drops: a counter reset to Prometheus'
+`rate`.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class _Usage:
 
 
 class AdapterUsage(Collector):
-    """Requests, prompt and generated tokens by adapter; the busiest `top_n` by name, the rest as `other`."""
+    """Requests, prompt and generated tokens by adapter; the busiest `top_n` by name (0: none), the rest as
+    `other`."""
 
     def __init__(self, top_n: int = 20) -> None:
         self.top_n = top_n
@@ -50,8 +53,10 @@ class AdapterUsage(Collector):
             items = [
                 (name, _Usage(u.requests, u.prompt_tokens, u.generation_tokens)) for name, u in self._usage.items()
             ]
-        items.sort(key=lambda item: (item[0] != BASE, -item[1].requests, item[0]))
-        shown, rest = items[: self.top_n + 1], items[self.top_n + 1 :]  # the base model never counts against N
+        shown = [item for item in items if item[0] == BASE]  # the base model never counts against N
+        adapters = sorted((item for item in items if item[0] != BASE), key=lambda item: (-item[1].requests, item[0]))
+        shown += adapters[: self.top_n]
+        rest = adapters[self.top_n :]
         if rest:
             other = _Usage()
             for _, u in rest:
@@ -111,8 +116,11 @@ def public_name(engine_name: str) -> str:
 class AdapterTiers(Collector):
     """Cache hits, misses, loads and evictions per tier, residents per tier, store size, vLLM's LoRA info gauge."""
 
-    def __init__(self, device: Callable[[], DeviceStats], host: HostStats, store: StoreStats) -> None:
+    def __init__(
+        self, device: Callable[[], DeviceStats], host: HostStats, store: StoreStats, *, per_adapter: bool
+    ) -> None:
         self._device, self._host, self._store = device, host, store
+        self._per_adapter = per_adapter  # vLLM's gauge names the running adapters: only when names may be shown
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -149,6 +157,8 @@ class AdapterTiers(Collector):
         yield GaugeMetricFamily(
             PREFIX + "adapter_store_bytes", "Bytes of adapter versions on disk.", value=self._store.size_bytes()
         )
+        if not self._per_adapter:
+            return
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running stats on LoRA requests (value: the time of the sample, as vLLM reports it).",

@@ -66,6 +66,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="do not keep coded copies of bf16 LoRA slots on the CPU (less memory, slower with many adapters)",
     )
     add_store_args(p)
+    p.add_argument(
+        "--metrics-per-adapter",
+        action="store_true",
+        help="export /metrics series labelled by adapter id (adapter_requests_total and friends, vLLM's "
+        "lora_requests_info); off by default, since ids name tenants' adapters: usage is then split only into base "
+        "and other. With --api-keys, /metrics needs an admin key either way",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -221,6 +228,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_resident_adapters=args.max_resident_adapters,
         code_lora_slots=args.code_lora_slots,
         nf4_path=args.nf4_kernel,
+        metrics_per_adapter=args.metrics_per_adapter,
         **store_settings(args),
     )
     engine = AsyncEngine(config)

@@ -56,6 +56,8 @@ class ServeConfig:
     max_virtual_tokens: int = 128  # prefix adapters above: 422
     max_adapters_per_tenant: int = 1024  # uploads beyond: 409
     api_keys: Path | None = None
+    # /metrics series labelled with adapter ids (which name tenants' adapters); off: usage as base/other only
+    metrics_per_adapter: bool = False
     backend: Literal["native", "vllm"] = "native"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice

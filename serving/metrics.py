@@ -97,8 +97,11 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class ServerMetrics:
     """All metrics of one server, in one registry."""
 
-    def __init__(self, stats: Callable[[], StatsSource]) -> None:
+    def __init__(self, stats: Callable[[], StatsSource], *, per_adapter: bool = False) -> None:
+        """`per_adapter`: export series labelled with adapter ids (`serve --metrics-per-adapter`); otherwise usage
+        is split only into `base` and `other` (every adapter) and no adapter id appears."""
         self.registry = CollectorRegistry()
+        self.per_adapter = per_adapter
         self.requests = Counter(
             PREFIX + "requests",
             "HTTP requests answered, by route and status code.",
@@ -133,13 +136,13 @@ class ServerMetrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
-        self.adapter_usage = AdapterUsage()
+        self.adapter_usage = AdapterUsage() if per_adapter else AdapterUsage(top_n=0)
         self.registry.register(self.adapter_usage)
         self.registry.register(_EngineCollector(stats))
 
     def watch_adapters(self, device: Callable[[], DeviceStats], host: HostStats, store: StoreStats) -> None:
         """Export the adapter tiers (device slots, host LRU, disk store) at scrape time."""
-        self.registry.register(AdapterTiers(device, host, store))
+        self.registry.register(AdapterTiers(device, host, store, per_adapter=self.per_adapter))
 
     def base_weights(self, num_bytes: dict[str, int], quantize: str) -> None:
         """The base model's weight bytes as held (NF4 codes and constants, or dense), by component; fixed at start."""

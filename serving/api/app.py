@@ -26,7 +26,7 @@ from switchboard.serving.adapter_metrics import DeviceStats
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
-from switchboard.serving.api.errors import bad_request, install_error_handlers
+from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
 from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
@@ -77,7 +77,7 @@ class Engine(Protocol):
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    metrics = ServerMetrics(engine.stats)
+    metrics = ServerMetrics(engine.stats, per_adapter=config.metrics_per_adapter)
     metrics.base_weights(engine.base_weight_bytes, config.quantize)
     texts = TokenTexts(engine.tokenizer)
     created = int(time.time())
@@ -199,7 +199,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        if not authenticate(request).admin:  # with --api-keys: 401 without a key, 403 for a tenant's key
+            raise ApiError(
+                403, "Only an admin key may read /metrics.", type="permission_error", code="permission_denied"
+            )
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app

@@ -33,7 +33,8 @@ def import_dir(tmp_path_factory: pytest.TempPathFactory, peft_adapters: dict[str
 
 @pytest.fixture(scope="module")
 def import_server(server_factory: ServerFactory, import_dir: Path, tmp_path_factory) -> RunningServer:
-    return server_factory(import_dir=import_dir, store=tmp_path_factory.mktemp("store"))
+    store = tmp_path_factory.mktemp("store")
+    return server_factory(import_dir=import_dir, store=store, metrics_per_adapter=True)
 
 
 def _text(url: str, model: str) -> str:

@@ -18,7 +18,7 @@ PROMPT = "def main():"
 
 @pytest.fixture(scope="module")
 def store_server(server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
-    return server_factory(store=tmp_path_factory.mktemp("store"), max_resident_adapters=2)
+    return server_factory(store=tmp_path_factory.mktemp("store"), max_resident_adapters=2, metrics_per_adapter=True)
 
 
 @pytest.fixture()

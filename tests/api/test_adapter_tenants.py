@@ -94,7 +94,7 @@ def test_missing_or_wrong_key_is_401(tenant_server: RunningServer) -> None:
             assert resp.json()["error"]["code"] == "invalid_api_key"
         wrong = anonymous.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
-        assert anonymous.get("/health").status_code == 200 and anonymous.get("/metrics").status_code == 200
+        assert anonymous.get("/health").status_code == 200 and anonymous.get("/metrics").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=tenant_server.api_url, api_key="nope", max_retries=0).models.list()
 
