@@ -66,6 +66,11 @@ def forbidden(message: str) -> ApiError:
     return ApiError(403, message, type="permission_error", code="permission_denied")
 
 
+def invalid_path(path: str, why: str) -> ApiError:
+    shown = path if len(path) <= 80 else path[:80] + "..."
+    return bad_request(f"`lora_path` {shown!r} cannot be used: {why}.", param="lora_path", code="invalid_path")
+
+
 def unprocessable(exc: Exception) -> ApiError:
     return ApiError(422, f"Invalid adapter: {exc}", code="invalid_adapter")
 
@@ -175,6 +180,9 @@ class AdapterRegistry:
                 staging.copy_from(source)
             except FileNotFoundError as exc:
                 raise unprocessable(AdapterError("missing", Path(exc.filename or "").name or None)) from exc
+            except OSError as exc:  # a file that is a symbolic link loop, a directory, unreadable
+                file = Path(exc.filename or "").name or None
+                raise unprocessable(AdapterError(f"cannot be read ({exc.strerror})", file)) from exc
             return self._commit(tenant, adapter_id, staging, overwrite=False, public=False)
 
     def delete(self, tenant: Tenant, adapter_id: str) -> StoredAdapter:
@@ -204,11 +212,19 @@ class AdapterRegistry:
             raise forbidden("Loading adapters from a path is disabled: start the server with --import-dir DIR.")
         root = root.resolve()
         candidate = Path(path) if Path(path).is_absolute() else root / path
-        resolved = candidate.resolve()  # follows symlinks and `..`
         outside = forbidden(f"`lora_path` must lie under the server's import directory ({root}).")
-        if not resolved.is_relative_to(root):
-            raise outside
-        if not resolved.is_dir():
+        try:
+            resolved = candidate.resolve()  # follows symlinks and `..`
+            if not resolved.is_relative_to(root):
+                raise outside
+            is_dir = resolved.is_dir()
+        except ValueError as exc:
+            raise invalid_path(path, "it contains a NUL byte") from exc
+        except RuntimeError as exc:  # Python 3.11's pathlib on a symbolic link loop
+            raise invalid_path(path, "a symbolic link loop") from exc
+        except OSError as exc:  # a name too long; a loop on newer Pythons
+            raise invalid_path(path, exc.strerror or str(exc)) from exc
+        if not is_dir:
             raise ApiError(404, f"`lora_path` {path!r} is not a directory.", code="path_not_found", param="lora_path")
         for name in UPLOAD_FILES:  # a file may itself be a link out of the import directory
             if (resolved / name).exists() and not (resolved / name).resolve().is_relative_to(root):

@@ -26,6 +26,9 @@ def completion_prompts(prompt: PromptField, tokenizer: PreTrainedTokenizerBase) 
         batch = prompt  # type: ignore[assignment]  # several texts or several token-id lists
     if not batch or any(item == "" for item in batch):  # "" is empty even if the tokenizer would add a BOS
         raise bad_request("The prompt must not be empty.", param="prompt")
+    for item in batch:
+        if isinstance(item, str):
+            check_text(item, param="prompt")
     prompts = [tokenizer.encode(item) if isinstance(item, str) else list(item) for item in batch]
     for ids in prompts:
         check_token_ids(ids, tokenizer, param="prompt")
@@ -38,6 +41,9 @@ def chat_prompt(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerB
     A template that writes the BOS text itself is tokenized without special tokens; otherwise the tokenizer adds
     what it normally adds. A doubled BOS (template and tokenizer both adding it) is collapsed to one.
     """
+    for message in messages:
+        check_text(message.text(), param="messages")
+        check_text(message.name or "", param="messages")
     conversation = [_template_message(message) for message in messages]
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -65,6 +71,19 @@ def _template_message(message: ChatMessage) -> dict[str, str]:
     if message.name is not None:
         rendered["name"] = message.name
     return rendered
+
+
+def check_text(text: str, *, param: str) -> None:
+    """Refuse text that UTF-8 cannot encode: a lone surrogate, which JSON can escape (`"\\ud800"`) but no tokenizer
+    can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"The {param} holds a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is not "
+            "valid Unicode text.",
+            param=param,
+        ) from exc
 
 
 def check_token_ids(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, *, param: str) -> None:

@@ -28,6 +28,11 @@ def import_dir(tmp_path_factory: pytest.TempPathFactory, peft_adapters: dict[str
     (root / "linked-file").mkdir()
     shutil.copy(peft_adapters["lora"] / "adapter_config.json", root / "linked-file")
     (root / "linked-file" / "adapter_model.safetensors").symlink_to(outside / "lora" / "adapter_model.safetensors")
+    (root / "loop-a").symlink_to(root / "loop-b")
+    (root / "loop-b").symlink_to(root / "loop-a")
+    (root / "looped-file").mkdir()
+    shutil.copy(peft_adapters["lora"] / "adapter_config.json", root / "looped-file")
+    (root / "looped-file" / "adapter_model.safetensors").symlink_to(root / "looped-file" / "adapter_model.safetensors")
     return root
 
 
@@ -63,6 +68,31 @@ def test_paths_outside_the_import_dir_are_refused(import_server: RunningServer, 
     with httpx.Client(base_url=import_server.url, timeout=60) as http:
         resp = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path.format(root=import_dir)})
     assert resp.status_code in (403, 404), resp.text
+    assert tree_digest(store) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "reason"),
+    [
+        ("{root}/lo\0ra", 400, "NUL byte"),
+        ("{root}/" + "a" * 300, 400, "File name too long"),
+        ("{root}/" + "a" * 300 + "/lora", 400, "File name too long"),
+        ("{root}/loop-a", 400, "symbolic link"),
+        ("{root}/loop-a/lora", 400, "symbolic link"),
+        ("{root}/looped-file", 422, "adapter_model.safetensors"),
+    ],
+)
+def test_unusable_paths_are_client_errors(
+    import_server: RunningServer, import_dir: Path, path: str, status: int, reason: str
+) -> None:
+    """A NUL byte, a 300-character name or a symbolic link loop answered 500."""
+    store = import_server.engine.config.store
+    before = tree_digest(store)
+    with httpx.Client(base_url=import_server.url, timeout=60) as http:
+        resp = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path.format(root=import_dir)})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and reason in error["message"], error
     assert tree_digest(store) == before
 
 

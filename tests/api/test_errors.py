@@ -148,3 +148,28 @@ def test_completion_budget() -> None:
         with pytest.raises(ApiError) as info:
             completion_budget(prompt_len, max_tokens, 100, what="prompt")
         assert (info.value.status, info.value.code) == (400, "context_length_exceeded")
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+        ("/v1/completions", '{"prompt": ["fine", "\\udfff"], "max_tokens": 1}', "prompt"),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "a\\ud800"}], "max_tokens": 1}',
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}], "max_tokens": 1}',
+            "messages",
+        ),
+    ],
+)
+def test_lone_surrogates_are_400(http, route: str, body: str, param: str) -> None:
+    """A lone surrogate, sent as the JSON escape `\\ud800`, is a str UTF-8 cannot encode: it answered 500."""
+    resp = http.post(route, content=body.encode(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    assert_error_shape(resp.json(), type_="invalid_request_error", param=param)
+    assert "surrogate" in resp.json()["error"]["message"]
