@@ -28,6 +28,7 @@ from switchboard.adapters_store.kinds.base import (
     AdapterKind,
     BaseModelShape,
     check_served,
+    check_targets,
     group_keys,
     module_key,
     open_weights,
@@ -64,7 +65,9 @@ class IA3Adapter:
         vectors: dict[tuple[int, str], tuple[torch.Tensor, Side]] = {}
         with open_weights(path / WEIGHTS_FILE) as file:
             sides: dict[tuple[int, str], tuple[str, Side]] = {}
-            for (layer, module), keys in group_keys(file, base, LEAVES).items():
+            groups = group_keys(file, base, LEAVES)
+            check_targets(config, set(groups), base)
+            for (layer, module), keys in groups.items():
                 key = keys["ia3_l"]
                 out_features, in_features = base.module_shape(module)
                 shapes: dict[Side, tuple[int, ...]] = {"output": (out_features, 1), "input": (1, in_features)}

@@ -32,6 +32,7 @@ from switchboard.adapters_store.kinds.base import (
     WeightsFile,
     check_served,
     check_shape,
+    check_targets,
     config_int,
     config_number,
     group_keys,
@@ -84,6 +85,7 @@ class KronaAdapter:
         num_parameters, rank = 0, 0
         with open_weights(path / WEIGHTS_FILE) as file:
             groups = group_keys(file, base, LEAVES, REFUSED_TENSORS)
+            check_targets(config, set(groups), base)
             layouts: dict[tuple[int, str], tuple[FactorLayout, FactorLayout, int]] = {}
             for (layer, module), keys in groups.items():  # validate every header entry before loading anything
                 r = pattern_value(config, "rank_pattern", module_key(layer, module), default_r)

@@ -26,6 +26,7 @@ from switchboard.adapters_store.kinds.base import (
     BaseModelShape,
     check_served,
     check_shape,
+    check_targets,
     config_bool,
     config_int,
     config_number,
@@ -84,6 +85,7 @@ class LoraAdapter:
         weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         with open_weights(path / WEIGHTS_FILE) as file:
             groups = group_keys(file, base, LEAVES, REFUSED_TENSORS)
+            check_targets(config, set(groups), base)
             ranks: dict[tuple[int, str], int] = {}
             for (layer, module), keys in groups.items():  # validate every header entry before loading anything
                 missing = [leaf for leaf in LEAVES if leaf not in keys]

@@ -1,5 +1,8 @@
 """Read a multipart upload as it streams in: small form fields into memory, the two adapter files straight into the
-store's staging directory (hashed on the way), anything else counted and dropped.
+store's staging directory (hashed on the way), other file parts counted and dropped (the registry refuses them).
+
+The form is strict: a part sent twice (two configs, two `adapter_id` fields) or a text field other than
+`FORM_FIELDS` is a 400 naming it, rather than one of them silently winning.
 
 The size limit is enforced twice: a `Content-Length` above it is refused before reading, and a body that grows past
 it (chunked, or lying about its length) is cut off at that point. Nothing here decides whether the upload is a valid
@@ -21,6 +24,7 @@ from switchboard.serving.api.errors import ApiError, bad_request
 FORM_OVERHEAD = 64 * 1024  # boundaries, part headers and the small fields, on top of the files themselves
 MAX_FIELD_BYTES = 4096
 MAX_PARTS = 8
+FORM_FIELDS = ("adapter_id", "public")
 
 
 def too_large(limit: int) -> ApiError:
@@ -53,7 +57,7 @@ class UploadForm:
         self._header_value = b""
         self._disposition = b""
         self._parts = 0
-        self._started: set[str] = set()
+        self._seen: set[str] = set()  # part names (a file part's: the file's name)
 
     def callbacks(self) -> dict:
         return {
@@ -94,12 +98,21 @@ class UploadForm:
         if filename is not None:
             self._part.filename = filename.decode("utf-8", "replace")
             # The part's name decides which file it is (a client may also send it as the field `file`).
-            target = self._part.filename if self._part.name == "file" else self._part.name
-            self._part.name = target
-            self.files.append(target)
-            if target in (CONFIG_FILE, WEIGHTS_FILE) and target not in self._started:
-                self._started.add(target)
-                self._part.file = self.staging.begin(target)
+            if self._part.name == "file":
+                self._part.name = self._part.filename
+        elif self._part.name not in FORM_FIELDS:
+            raise bad_request(
+                f"Unknown form field `{self._part.name}`: send {' and '.join(f'`{f}`' for f in FORM_FIELDS)} "
+                f"fields and the files {CONFIG_FILE} and {WEIGHTS_FILE}.",
+                param=self._part.name,
+            )
+        if self._part.name in self._seen:
+            raise bad_request(f"The form part `{self._part.name}` is sent twice; send it once.", param=self._part.name)
+        self._seen.add(self._part.name)
+        if self._part.filename is not None:
+            self.files.append(self._part.name)
+            if self._part.name in (CONFIG_FILE, WEIGHTS_FILE):
+                self._part.file = self.staging.begin(self._part.name)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]

@@ -183,3 +183,34 @@ def test_prefix_must_match_kv_heads(make_peft, base_shape: BaseModelShape) -> No
     raw.update(num_attention_heads=4, token_dim=64)  # what PEFT wrote before it handled grouped-query attention
     (path / CONFIG).write_text(json.dumps(raw))
     refused(path, base_shape, CONFIG, "num_attention_heads=4", "match the base model's 2")
+
+
+@pytest.mark.parametrize(
+    ("targets", "file", "fragment"),
+    [
+        ({"target_modules": ["q_proj"]}, WEIGHTS, "tensors for model.layers.0.self_attn.v_proj"),
+        ({"target_modules": ["q_proj", "v_proj", "k_proj"]}, CONFIG, "targets model.layers.0.self_attn.k_proj"),
+        ({"target_modules": ["q_proj", "v_proj", "lm_head"]}, CONFIG, "'lm_head', which is not a projection"),
+        ({"target_modules": ".*\\.q_proj"}, WEIGHTS, "tensors for model.layers.0.self_attn.v_proj"),
+        ({"target_modules": "all-linear"}, CONFIG, "targets model.layers.0.mlp.down_proj"),
+        ({"layers_to_transform": [1]}, WEIGHTS, "tensors for model.layers.0.self_attn.q_proj"),
+        ({"exclude_modules": ["layers.1.self_attn.v_proj"]}, WEIGHTS, "tensors for model.layers.1.self_attn.v_proj"),
+        ({"target_modules": 3}, CONFIG, "target_modules must be"),
+    ],
+)
+def test_target_modules_must_cover_the_tensors_exactly(broken, base_shape: BaseModelShape, targets, file, fragment):
+    refused(broken(config=lambda c: c.update(targets)), base_shape, file, fragment)
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"target_modules": ["self_attn.q_proj", "v_proj"]},
+        {"target_modules": ".*\\.(q|v)_proj"},
+        {"target_modules": ["q_proj", "v_proj", "k_proj"], "exclude_modules": ["k_proj"]},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1]},
+        {"target_modules": None},
+    ],
+)
+def test_target_modules_that_cover_the_tensors(broken, base_shape: BaseModelShape, targets) -> None:
+    assert len(load_adapter(broken(config=lambda c: c.update(targets)), base_shape).modules()) == 4

@@ -176,3 +176,66 @@ def test_adapters_per_tenant_limit_is_a_clear_409(http: httpx.Client, store_dir:
     assert upload(http, "n1", lora_files(shape, seed=3), overwrite=True).status_code == 201  # a new version is fine
     for i in range(2):
         assert http.delete(f"/v1/adapters/n{i}").status_code == 204
+
+
+def _post_parts(http: httpx.Client, fields: list[tuple[str, str]], files: list[tuple[str, bytes]]) -> httpx.Response:
+    """A multipart upload with exactly these parts, repeats included."""
+    parts = [(name, (name, data, "application/octet-stream")) for name, data in files]
+    data: dict[str, list[str]] = {}
+    for name, value in fields:
+        data.setdefault(name, []).append(value)
+    return http.post("/v1/adapters", data=data, files=parts)
+
+
+@pytest.mark.parametrize(
+    ("case", "param"),
+    [
+        ("weights twice", WEIGHTS_FILE),
+        ("config twice", CONFIG_FILE),
+        ("adapter_id twice", "adapter_id"),
+        ("unknown field", "owner"),
+    ],
+)
+def test_an_ambiguous_form_is_400_naming_the_part(
+    case: str, param: str, http: httpx.Client, store_dir: Path, tiny_model_dir: Path
+) -> None:
+    """Before, the first file part and the last `adapter_id` silently won, and unknown fields were dropped."""
+    shape = base_shape(tiny_model_dir)
+    good, other = lora_files(shape, seed=1), lora_files(shape, seed=2)
+    fields = [("adapter_id", "strict")]
+    files = [(CONFIG_FILE, good[CONFIG_FILE]), (WEIGHTS_FILE, good[WEIGHTS_FILE])]
+    if case == "weights twice":
+        files.append((WEIGHTS_FILE, other[WEIGHTS_FILE]))
+    elif case == "config twice":
+        files.insert(1, (CONFIG_FILE, json.dumps(lora_config(lora_alpha=1)).encode()))
+    elif case == "adapter_id twice":
+        fields.append(("adapter_id", "other"))
+    else:
+        fields.append(("owner", "bob"))
+    before = tree_digest(store_dir)
+    resp = _post_parts(http, fields, files)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and f"`{param}`" in error["message"], error
+    assert tree_digest(store_dir) == before
+    assert http.get("/v1/adapters").json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("modules", "fragment"),
+    [
+        (("q_proj",), "holds tensors for model.layers.0.self_attn.v_proj, which target_modules"),
+        (("q_proj", "v_proj", "k_proj"), "targets model.layers.0.self_attn.k_proj, but"),
+    ],
+)
+def test_target_modules_not_covering_the_tensors_is_422(
+    modules: tuple[str, ...], fragment: str, http: httpx.Client, store_dir: Path, tiny_model_dir: Path
+) -> None:
+    files = {
+        CONFIG_FILE: json.dumps(lora_config(modules=modules)).encode(),
+        WEIGHTS_FILE: lora_files(base_shape(tiny_model_dir))[WEIGHTS_FILE],  # q_proj and v_proj
+    }
+    before = tree_digest(store_dir)
+    resp = upload(http, "uncovered", files)
+    assert resp.status_code == 422 and fragment in resp.json()["error"]["message"], resp.text
+    assert tree_digest(store_dir) == before
