@@ -84,14 +84,14 @@ class ModelRunner:
                 q_lens.append(n)
                 ctx_lens.append(seq.prefix_len + first + n)
                 tables.append(table)
-            groups.append(build_group(start, q_lens, ctx_lens, tables, bs, self.device))
+            groups.append(build_group(start, q_lens, ctx_lens, tables, bs, self.device, self.kv_cache.pad_slot))
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), groups=groups)
         return (
             torch.tensor(ids, device=dev),
             torch.tensor(positions, device=dev),
             meta,
-            torch.tensor(sample_rows, device=dev),
+            torch.tensor(sample_rows, dtype=torch.long, device=dev),  # long even when empty (no row samples)
         )
 
     @torch.inference_mode()

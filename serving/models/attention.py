@@ -20,7 +20,12 @@ from switchboard.kernels.paged_attention import compiled_paged_attention_availab
 
 
 class KVCache:
-    """Keys and values of every layer: [layers, 2, num_blocks * block_size, kv_heads, head_dim]."""
+    """Keys and values of every layer: [layers, 2, num_blocks * block_size + 1, kv_heads, head_dim].
+
+    The last slot (`pad_slot`) belongs to no block and stays zero: padded attention reads it for every position past
+    a context's end, so that no query ever reads, even masked, another sequence's keys and values or stale ones left
+    in a reused block (a masked position still multiplies its value by 0, and 0 * inf is NaN).
+    """
 
     def __init__(
         self,
@@ -34,8 +39,9 @@ class KVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.pad_slot = num_blocks * block_size
         self.data = torch.zeros(
-            num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype, device=device
+            num_layers, 2, num_blocks * block_size + 1, num_kv_heads, head_dim, dtype=dtype, device=device
         )
 
     @staticmethod
@@ -48,7 +54,7 @@ class AttentionGroup:
     """Queries of several sequences, padded into one SDPA call.
 
     q_index:   [B, Q] rows of the group's tokens (relative to the group's first token) feeding each query slot
-    kv_slots:  [B, L] cache slots holding each sequence's context, padded with slot 0
+    kv_slots:  [B, L] cache slots holding each sequence's context, padded with the cache's zero `pad_slot`
     ctx_lens:  [B] context length of each sequence (its queries included)
     mask:      [B, 1, Q, L] True where a query may attend
     out_index: [n] flat indices into [B * Q] of the real (unpadded) queries, in token order
@@ -76,15 +82,18 @@ def build_group(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    pad_slot: int,
 ) -> AttentionGroup:
-    """Metadata for sequences whose last `q_lens[i]` of `ctx_lens[i]` cache positions are this step's queries."""
+    """Metadata for sequences whose last `q_lens[i]` of `ctx_lens[i]` cache positions are this step's queries;
+    positions past a context's end read `pad_slot`."""
     q_max, ctx_max = max(q_lens), max(ctx_lens)
     max_blocks = max(len(t) for t in block_tables)
     tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
     pos = torch.arange(ctx_max)
-    kv_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
-    q_len_t = torch.tensor(q_lens)
     ctx_t = torch.tensor(ctx_lens)
+    kv_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
+    kv_slots = torch.where(pos[None, :] < ctx_t[:, None], kv_slots, pad_slot)
+    q_len_t = torch.tensor(q_lens)
     qi = torch.arange(q_max)
     q_valid = qi[None, :] < q_len_t[:, None]  # [B, Q]
     q_pos = ctx_t[:, None] - q_len_t[:, None] + qi[None, :]  # cache position of each query

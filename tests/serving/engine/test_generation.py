@@ -75,3 +75,9 @@ def test_kv_cache_dtype(tiny_model_dir: Path, prompts, setting: str, expected: t
     assert engine.kv_cache.data.dtype == expected
     out = engine.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert [len(o) for o in out] == [8] * 4
+
+
+def test_a_prompt_longer_than_the_step_budget_alone(tiny_model_dir: Path, prompts, reference) -> None:
+    # Its first steps are prefill chunks from which nothing samples: an empty set of rows to take logits from.
+    engine = _engine(tiny_model_dir, num_kv_blocks=64, max_batch_tokens=16)
+    assert engine.generate([prompts[-3]], GREEDY) == [reference[-3]]

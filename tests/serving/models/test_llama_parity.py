@@ -79,7 +79,9 @@ def ours_logits(model_dir: Path, ids: torch.Tensor, dtype: torch.dtype = torch.f
     block = 16
     blocks = list(range(-(-t // block)))
     cache = KVCache(cfg.num_layers, len(blocks), block, cfg.num_kv_heads, cfg.head_dim, dtype, torch.device("cpu"))
-    meta = AttentionMetadata(torch.arange(t), [build_group(0, [t], [t], [blocks], block, torch.device("cpu"))])
+    meta = AttentionMetadata(
+        torch.arange(t), [build_group(0, [t], [t], [blocks], block, torch.device("cpu"), cache.pad_slot)]
+    )
     with torch.inference_mode():
         return model.logits(model(ids, torch.arange(t), cache.data, meta))
 
