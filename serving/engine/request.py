@@ -7,6 +7,7 @@ never sees HTTP and the API never sees blocks or tensors.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -14,6 +15,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context window
     ABORT = "abort"  # cancelled (client gone) or the engine shut down
+    ERROR = "error"  # this sequence alone failed in a step (`RequestOutput.error` says why); the batch went on
 
 
 class EngineOverloaded(RuntimeError):
@@ -22,6 +24,12 @@ class EngineOverloaded(RuntimeError):
     def __init__(self, retry_after_s: int = 1) -> None:
         super().__init__("the server is overloaded: too many requests are waiting")
         self.retry_after_s = retry_after_s
+
+
+# Temperatures below this sample greedily (vLLM's rule): dividing logits by less overflows float32.
+GREEDY_TEMPERATURE = 1e-5
+# What torch.Generator.manual_seed accepts; the n choices of a request use seed, seed + 1, ... seed + n - 1.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass(slots=True)
@@ -42,8 +50,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError("temperature must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
@@ -52,10 +60,12 @@ class SamplingParams:
             raise ValueError("n must be at least 1")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= self.seed + self.n - 1 <= SEED_RANGE[1]:
+            raise ValueError(f"seed must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]} - (n - 1)]")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(slots=True)
@@ -84,3 +94,4 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # why the choice failed, with finish_reason ERROR
