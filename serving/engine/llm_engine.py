@@ -4,6 +4,7 @@ post-process; the async server drives the same object from one background thread
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +28,15 @@ from ..models.attention import KVCache
 from ..models.config import ModelConfig
 from ..models.loader import load_model
 from ..models.quant import weight_bytes
+from . import isolation
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner
 from .request import FinishReason, RequestOutput, SamplingParams
-from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
 
 
 class UnknownAdapter(KeyError):
@@ -116,6 +119,8 @@ class LLMEngine:
             compiled_paged_attention_available()
             compiled_adapters_available()
         self._requests: dict[str, list[Sequence]] = {}
+        self._failed: list[Sequence] = []  # sequences ended by an error during the current step
+        self._failed_admissions: list[tuple[Sequence, str]] = []  # adapters that failed to load in `schedule`
         self._num_preemptions = 0
         self._ids = itertools.count()
 
@@ -202,11 +207,24 @@ class LLMEngine:
         if seq.adapter_kind is None:
             return True
         assert seq.adapter_id is not None
-        slot = self.adapter_slots.acquire(seq.adapter_id)
+        try:
+            slot = self.adapter_slots.acquire(seq.adapter_id)
+        except Exception as exc:  # this adapter cannot be loaded: its sequence fails after `schedule`, not the step
+            log.exception("loading adapter %s into a device slot failed", seq.adapter_id)
+            self._evict_broken(seq.adapter_id)
+            self._failed_admissions.append((seq, f"internal error loading adapter {seq.adapter_id!r}: {exc}"))
+            return False
         if slot is None:
             return False  # every slot of its kind is held by running sequences: wait
         seq.adapter_slot = slot
         return True
+
+    def _evict_broken(self, name: str) -> None:
+        """A slot half loaded by a failed `acquire` must not be found resident by the next request."""
+        pool = self.adapter_slots.pools[self.adapter_slots.kind(name)]
+        if not pool.refs.get(name, 0):
+            pool.resident.pop(name, None)
+            self.adapter_slots.prefix_kv.pop(name, None)
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_kind is not None and seq.adapter_slot >= 0:
@@ -214,16 +232,15 @@ class LLMEngine:
             self.adapter_slots.release(seq.adapter_id)
             seq.adapter_slot = -1
 
-    def _write_prefixes(self, seqs: list[Sequence]) -> None:
-        """Write each newly admitted prefix sequence's virtual keys and values into its first cache positions."""
-        for seq in seqs:
-            if seq.prefix_len == 0 or seq.prefix_written:
-                continue
-            assert seq.adapter_id is not None
-            kv = self.adapter_slots.prefix_kv[seq.adapter_id]  # [layers, 2, P, kv_heads, head_dim]
-            slots = torch.tensor([self.blocks.slot(seq, p) for p in range(seq.prefix_len)], device=self.device)
-            self.kv_cache.data[:, :, slots] = kv.to(self.kv_cache.data.dtype)  # the cache may be float32
-            seq.prefix_written = True
+    def _write_prefix(self, seq: Sequence) -> None:
+        """Write a newly admitted prefix sequence's virtual keys and values into its first cache positions."""
+        if seq.prefix_len == 0 or seq.prefix_written:
+            return
+        assert seq.adapter_id is not None
+        kv = self.adapter_slots.prefix_kv[seq.adapter_id]  # [layers, 2, P, kv_heads, head_dim]
+        slots = torch.tensor([self.blocks.slot(seq, p) for p in range(seq.prefix_len)], device=self.device)
+        self.kv_cache.data[:, :, slots] = kv.to(self.kv_cache.data.dtype)  # the cache may be float32
+        seq.prefix_written = True
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(
@@ -308,20 +325,41 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule, write prefixes, run the model, sample, post-process. Each per-sequence stage isolates its
+        failures: a sequence whose stage fails ends alone with FinishReason.ERROR and the others go on as if it had
+        not been there (isolation.py). Only a failure that no single sequence explains is raised: the engine's."""
+        self._failed = []
         plan = self.scheduler.schedule()
+        for seq, message in self._failed_admissions:
+            self._fail(seq, message)
+        self._failed_admissions = []
         self._num_preemptions += plan.num_preempted
         updated: list[Sequence] = list(plan.finished)
+        what = "writing its prefix adapter's keys and values"
+        for s in plan.scheduled:  # every scheduled sequence: a 1-token prompt is scheduled as a decode
+            isolation.guard(self._fail, s.seq, what, self._write_prefix, s.seq)
+        plan = isolation.running(plan)
         if plan.scheduled:
-            self._write_prefixes([s.seq for s in plan.scheduled])  # a 1-token prompt is scheduled as a decode
-            logits = self.runner.run(plan)
+            plan, logits = isolation.forward(self.runner.run, plan, self._fail)
             sampling = [s.seq for s in plan.scheduled if s.samples]
             for s in plan.scheduled:
                 s.seq.num_computed += s.num_tokens
-            tokens, logprobs = sample(logits, [q.params for q in sampling], [q.generator for q in sampling])
-            for seq, token, lp in zip(sampling, tokens, logprobs, strict=False):
-                self._append(seq, token, lp)
-            updated.extend(sampling)
-        return [self._output(seq) for seq in updated]
+            tokens, logprobs = isolation.sample(logits, sampling, self._fail)
+            for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
+                if token is None:
+                    if not seq.is_finished:  # else a sampling error ended it already
+                        self._fail(seq, "the model's output for this request is not finite (NaN or infinity)")
+                elif isolation.guard(self._fail, seq, "processing its new token", self._append, seq, token, lp):
+                    updated.append(seq)
+        return [self._output(seq) for seq in updated + self._failed]
+
+    # ---- failure isolation ----------------------------------------------------------------------------------
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """End one sequence with an error; its blocks and adapter slot are freed, the batch goes on without it."""
+        log.warning("request %s (choice %d) failed: %s", seq.request_id, seq.index, message)
+        seq.error = message
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        self._failed.append(seq)
 
     def _append(self, seq: Sequence, token: int, lp) -> None:
         seq.output_token_ids.append(token)
@@ -353,6 +391,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             prompt_tokens=len(seq.prompt_token_ids),
             completion_tokens=len(seq.output_token_ids),
+            error=seq.error,
         )
         seq.pending_token_ids, seq.pending_logprobs = [], []
         if finished:
@@ -388,7 +427,8 @@ class LLMEngine:
         self.add_request(rid, prompt_token_ids, SamplingParams(max_tokens=1, temperature=0.0), adapter_id)
         try:
             plan = self.scheduler.schedule()
-            self._write_prefixes([s.seq for s in plan.prefills])
+            for s in plan.prefills:
+                self._write_prefix(s.seq)
             ids, positions, meta, _ = self.runner.prepare(plan)
             with torch.inference_mode():
                 hidden = self.model(ids, positions, self.kv_cache.data, meta, self.runner.adapter_batch(plan))

@@ -45,6 +45,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache (prefix positions not counted)
     finish_reason: FinishReason | None = None
+    error: str | None = None  # why it failed, with finish_reason ERROR
     # Output not yet handed to the caller
     pending_text: str = ""
     pending_token_ids: list[int] = field(default_factory=list)
