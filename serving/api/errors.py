@@ -60,6 +60,10 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = No
     return ApiError(400, message, type=INVALID_REQUEST, code=code, param=param)
 
 
+def internal_error(message: str) -> ApiError:
+    return ApiError(500, message, type=SERVER_ERROR, code="internal_error")
+
+
 def _validation_error(exc: RequestValidationError) -> ApiError:
     errors: Sequence[Mapping[str, Any]] = exc.errors()
     if any(err.get("type") == "json_invalid" for err in errors):

@@ -16,8 +16,8 @@ from typing import Protocol, TypeVar
 
 from starlette.requests import Request
 
-from switchboard.serving.api.errors import RATE_LIMIT, ApiError, bad_request
-from switchboard.serving.engine.request import EngineOverloaded, RequestOutput, SamplingParams
+from switchboard.serving.api.errors import RATE_LIMIT, ApiError, bad_request, internal_error
+from switchboard.serving.engine.request import EngineOverloaded, FinishReason, RequestOutput, SamplingParams
 from switchboard.serving.metrics import GenerationTimer
 
 T = TypeVar("T")
@@ -106,12 +106,15 @@ class Generation:
         """Every output of every engine request, as they come; call `start` first.
 
         Closing this generator closes the engine requests too; a caller that may never start iterating must also
-        call `aclose` (closing a generator that never started runs none of its code).
+        call `aclose` (closing a generator that never started runs none of its code). A choice the engine ended with
+        an error fails the whole HTTP request: `ApiError` 500 `internal_error` (its other choices are aborted).
         """
         source = self._single() if len(self._streams) == 1 else self._merged()
         try:
             async for prompt_index, output in source:
                 choice = prompt_index * self._n + output.index
+                if output.finish_reason is FinishReason.ERROR:
+                    raise internal_error(f"Generation failed: {output.error}")
                 self._timer.on_output(prompt_index, choice, output)
                 yield ChoiceOutput(choice, output)
             self._timer.completed()

@@ -16,9 +16,9 @@ from typing import Any
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from switchboard.serving.api.errors import SERVER_ERROR, error_body
+from switchboard.serving.api.errors import ApiError, internal_error
 from switchboard.serving.api.generation import Generation
-from switchboard.serving.api.responses import ChoiceState, ResponseFormat, TokenTexts, usage
+from switchboard.serving.api.responses import ChoiceState, Delta, ResponseFormat, TokenTexts, usage
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,12 @@ async def stream_events(
                 delta = states[item.choice].update(item.output, texts)
                 if delta.text or delta.finish_reason is not None or (fmt.wants_logprobs and delta.logprobs):
                     yield sse({**chunk_header, "choices": [fmt.chunk_choice(item.choice, delta)]})
-    except Exception as exc:  # the engine failed mid-stream: the status is sent, so report it in the stream
+    except Exception as exc:  # the status is sent: end every unfinished choice with "error" and the error object
         logger.exception("generation %s failed while streaming", header.get("id"))
-        yield sse(error_body(f"Generation failed: {type(exc).__name__}: {exc}", type=SERVER_ERROR))
+        error = exc if isinstance(exc, ApiError) else internal_error(f"Generation failed: {type(exc).__name__}: {exc}")
+        unfinished = [i for i, state in enumerate(states) if state.finish_reason is None]
+        ended = [fmt.chunk_choice(i, Delta("", [], [], "error")) for i in unfinished]
+        yield sse({**chunk_header, "choices": ended, **error.body()})
         yield DONE
         return
     if include_usage:

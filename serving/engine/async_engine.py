@@ -193,8 +193,11 @@ class AsyncEngine:
             self.engine.add_request(
                 cmd.request_id, cmd.prompt_token_ids, cmd.params, cmd.adapter_id, cmd.adapter, cmd.tenant
             )
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError) as exc:  # refused: a bad request (400) or an unknown adapter (404)
             self._send(cmd.request_id, exc)
+        except Exception as exc:  # this request alone cannot be added (e.g. its adapter fails to register)
+            log.exception("adding request %s failed", cmd.request_id)
+            self._send(cmd.request_id, RuntimeError(f"the request could not be started: {exc}"))
         finally:  # counted as pending until the scheduler holds it, so admission checks never miss it
             with self._pending_lock:
                 self._pending_adds -= 1
@@ -219,7 +222,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # a failed step must not hang every caller
+            except Exception as exc:  # no single sequence explains it (isolation.py): fail every caller, not hang
                 log.exception("engine step failed")
                 for request_id in list(self._streams):
                     self._send(request_id, RuntimeError(f"engine step failed: {exc}"))
