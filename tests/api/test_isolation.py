@@ -16,6 +16,7 @@ import openai
 import pytest
 from safetensors.torch import save_file
 
+from ..unbounded import served_bound_lifted
 from .adapter_files import base_shape, lora_config, lora_tensors
 from .conftest import RunningServer, ServerFactory
 
@@ -48,10 +49,11 @@ def server(
     root = tmp_path_factory.mktemp("isolation")
     keys = root / "api-keys"
     keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in KEYS.items()))
-    # Registered like `serve --adapter`, bypassing any validation at upload: the point is the engine.
+    # Registered like `serve --adapter`, with the served bound lifted: the point is the engine.
     overflow = write_overflowing_lora(tiny_model_dir, root / "overflow")
     adapters = {name: peft_adapters[name] for _, name, _ in STREAMS if name is not None}
-    return server_factory(api_keys=keys, adapters={**adapters, "overflow": overflow})
+    with served_bound_lifted():
+        return server_factory(api_keys=keys, adapters={**adapters, "overflow": overflow})
 
 
 def _client(server: RunningServer, tenant: str) -> openai.OpenAI:

@@ -19,6 +19,8 @@ from switchboard.serving.engine.llm_engine import LLMEngine
 from switchboard.serving.engine.request import FinishReason, RequestOutput, SamplingParams
 from switchboard.serving.engine.sequence import Sequence
 
+from ...unbounded import served_bound_lifted
+
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=11, ignore_eos=True, n=2)
 # The attacker's request of 2026-12-04: the nucleus keeps only the most likely token, so it decodes greedily.
@@ -36,8 +38,8 @@ class Req:
 
 
 def overflowing_adapters(peft_adapters: dict[str, Path], root: Path) -> dict[str, Path]:
-    """Real adapters whose output overflows float32 (finite weights, so they pass NaN/Inf checks): a LoRA with
-    A and B of 1e30 and an (IA)3 whose vectors are 3e38."""
+    """Real adapters whose output overflows float32 (finite weights): a LoRA with A and B of 1e30 and an (IA)3 whose
+    vectors are 3e38. Loading them needs `served_bound_lifted`."""
     out = {}
     for name, src, value in (("lora-overflow", "lora-qv", 1e30), ("ia3-overflow", "ia3", 3e38)):
         dst = root / name
@@ -68,7 +70,8 @@ def engine(tiny_model_dir: Path, adapters: dict[str, Path]) -> LLMEngine:
         max_resident_adapters=3,
         adapters=adapters,
     )
-    return LLMEngine(config)
+    with served_bound_lifted():
+        return LLMEngine(config)
 
 
 def _prompt(i: int) -> list[int]:
@@ -224,7 +227,8 @@ def test_non_finite_keys_and_values_never_reach_other_sequences(tiny_model_dir: 
     config = ServeConfig(
         model=tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=4, max_batch_tokens=24, adapters=adapters
     )
-    engine = LLMEngine(config)
+    with served_bound_lifted():
+        engine = LLMEngine(config)
     bad = Req("bad", [0, *range(10, 70)], FAULTY, "lora-overflow")
     good = [Req(f"good-{i}", _prompt(61 + i), GREEDY, [None, "lora", "ia3", "prefix"][i % 4]) for i in range(8)]
     tokens, final = run(engine, [bad, *good])
