@@ -283,7 +283,8 @@ class LLMEngine:
         for index in range(params.n):
             generator = None
             if params.seed is not None and not params.greedy:
-                generator = torch.Generator().manual_seed(params.seed + index)
+                # On the logits' device: torch.multinomial refuses a CPU generator for CUDA probabilities.
+                generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seqs.append(
                 Sequence(
                     request_id=request_id,

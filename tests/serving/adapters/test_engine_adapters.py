@@ -47,7 +47,7 @@ def test_logits_and_greedy_tokens_match_peft(
         with peft.disable_adapter():
             base = peft(input_ids=torch.tensor([PROMPT])).logits[0]
     ref_tokens = greedy_tokens(peft, PROMPT, GREEDY.max_tokens)
-    ours = engine.prompt_logits(PROMPT, name)
+    ours = engine.prompt_logits(PROMPT, name).cpu()  # the engine's device: CUDA where there is one
     assert (ours - ref).abs().max().item() <= 1e-4
     assert (ref - base).abs().max().item() > 1e-2  # the adapter really changes the output
     assert engine.generate([PROMPT], GREEDY, [name])[0] == ref_tokens
@@ -190,7 +190,12 @@ def test_coded_lora_slots_give_the_same_tokens(tiny_model_dir: Path, peft_adapte
     tokens = {}
     for code in (True, False):
         config = ServeConfig(
-            model=tiny_model_dir, dtype="bfloat16", num_kv_blocks=128, adapters=peft_adapters, code_lora_slots=code
+            model=tiny_model_dir,
+            dtype="bfloat16",
+            device="cpu",  # the compiled op and its coded slots are the CPU's
+            num_kv_blocks=128,
+            adapters=peft_adapters,
+            code_lora_slots=code,
         )
         engine = LLMEngine(config)
         packed = [p.compiled for p in engine.adapter_slots.lora_packed.values() if p.compiled is not None]

@@ -71,7 +71,8 @@ def test_request_longer_than_the_pool_ends_with_length(tiny_model_dir: Path) -> 
 @pytest.mark.parametrize(("setting", "expected"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_kv_cache_dtype(tiny_model_dir: Path, prompts, setting: str, expected: torch.dtype) -> None:
     # auto keeps a float32 cache on the CPU, where decode attention computes in float32 anyway.
-    engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", num_kv_blocks=64, kv_cache_dtype=setting))
+    config = ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", num_kv_blocks=64, kv_cache_dtype=setting)
+    engine = LLMEngine(config)
     assert engine.kv_cache.data.dtype == expected
     out = engine.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert [len(o) for o in out] == [8] * 4
