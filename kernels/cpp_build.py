@@ -1,7 +1,8 @@
 """Build (or load an earlier build of) a small C++ op library, once per machine, never holding up the server.
 
-The CPU kernels (paged decode attention, the LoRA gather) are C++ sources compiled on first use into
-~/.cache/switchboard/torch_extensions/, keyed by a hash of the source, flags, torch version and CPU (the flags
+The CPU kernels (paged decode attention, the LoRA gather) are C++ sources in kernels/csrc/ (package data, read with
+`read_source`; the headers there are copied beside each build's source), compiled on first use into
+~/.cache/switchboard/torch_extensions/, keyed by a hash of the source, headers, flags, torch version and CPU (the flags
 include -march=native), so later processes load them at once. Building needs a C++ compiler and ninja (a pip
 dependency). Where a build fails or times out the caller gets the reason as a string and runs its torch path instead.
 
@@ -18,6 +19,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 
 import torch
@@ -33,7 +36,18 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed
 LDFLAGS = ["-fopenmp"]  # links libgomp.so.1; torch has loaded its own copy under that name, which is the one used
 BUILD_TIMEOUT_S = 300.0  # a build (or a wait for another process's) past this is given up; env overrides it
 TIMEOUT_ENV = "SWITCHBOARD_KERNEL_BUILD_TIMEOUT_S"
+CSRC = "switchboard.kernels.csrc"  # the package holding the C++ sources
 TYPICAL_BUILD_S = 15  # what the start-up log promises for a first build (one kernel, two busy cores)
+
+
+def read_source(name: str) -> str:
+    """The C++ source kernels/csrc/<name>.cpp, as installed with the package."""
+    return files(CSRC).joinpath(f"{name}.cpp").read_text(encoding="utf-8")
+
+
+def shared_headers() -> dict[str, str]:
+    """kernels/csrc/*.h by file name: what a source may `#include "..."` (copied beside it in its build)."""
+    return {f.name: f.read_text(encoding="utf-8") for f in files(CSRC).iterdir() if f.name.endswith(".h")}
 
 
 def cache_root() -> Path:
@@ -64,25 +78,39 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def compile_job(name: str, source: str, cflags: list[str] = CFLAGS, root: Path | None = None) -> CompileJob:
-    """The build of `source`, in a directory of `root` (default `cache_root()`) named by `name` and a hash of all
-    the build depends on."""
-    parts = [source, *cflags, *LDFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_id()]
+def compile_job(
+    name: str,
+    source: str,
+    cflags: list[str] = CFLAGS,
+    root: Path | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> CompileJob:
+    """The build of `source` with `headers` (default `shared_headers()`), in a directory of `root` (default
+    `cache_root()`) named by `name` and a hash of all the build depends on."""
+    headers = dict(shared_headers() if headers is None else headers)
+    header_parts = [part for item in sorted(headers.items()) for part in item]
+    parts = [source, *header_parts, *cflags, *LDFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_id()]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     build_dir = (root or cache_root()) / f"{name}_{key}"
-    return CompileJob(f"switchboard_{name}_{key}", source, cflags, LDFLAGS, str(build_dir))
+    return CompileJob(f"switchboard_{name}_{key}", source, cflags, LDFLAGS, str(build_dir), headers)
 
 
 def build_ops(
-    name: str, source: str, cflags: list[str] = CFLAGS, root: Path | None = None, timeout_s: float | None = None
+    name: str,
+    source: str,
+    cflags: list[str] = CFLAGS,
+    root: Path | None = None,
+    timeout_s: float | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> str | None:
-    """Compile `source` (which registers ops with TORCH_LIBRARY_FRAGMENT) or load an earlier build of it.
+    """Compile `source` (which registers ops with TORCH_LIBRARY_FRAGMENT; it may include `headers`, by default
+    `shared_headers()`) or load an earlier build of it.
 
     Returns None once its ops are registered under torch.ops, else (after one warning) why not: no compiler,
     no ninja, no setuptools, a compile error, an unwritable cache, a build (ours or another process's) past
     `timeout_s` (default `build_timeout_s()`).
     """
-    job = compile_job(name, source, cflags, root)
+    job = compile_job(name, source, cflags, root, headers)
     build_dir = Path(job.build_dir)
     try:
         if (build_dir / DONE).exists():

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DONE = "build.done"  # written by the child once the library is built; holds the build's seconds
@@ -37,6 +37,7 @@ class CompileJob:
     cflags: list[str]
     ldflags: list[str]
     build_dir: str
+    headers: dict[str, str] = field(default_factory=dict)  # file name -> text, written beside the source
 
 
 def compile_in_child(job: CompileJob, timeout_s: float, keep_fds: tuple[int, ...] = ()) -> None:
@@ -74,6 +75,8 @@ def main() -> None:
     try:
         from torch.utils import cpp_extension  # imports setuptools
 
+        for header, text in job.headers.items():  # load_inline writes the source here, as main.cpp
+            (Path(job.build_dir) / header).write_text(text, encoding="utf-8")
         cpp_extension.load_inline(
             name=job.module,
             cpp_sources=[job.source],

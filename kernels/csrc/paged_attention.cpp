@@ -1,0 +1,205 @@
+// Paged decode attention on the CPU: each sequence's one query attends to its context, read in place from the
+// cache. See kernels/paged_attention.py for the design, and paged_decode_attention_ref for the semantics.
+#include "switchboard_cpu.h"
+
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace {
+
+// One cache row as float32: float32 rows are read in place, bf16 and fp16 rows converted into `buf`.
+inline const float* row_f32(const float* src, float*, int64_t) { return src; }
+
+inline const float* row_f32(const c10::BFloat16* src, float* buf, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) buf[i] = switchboard::bf16_to_float(s[i]);
+  return buf;
+}
+
+inline const float* row_f32(const c10::Half* src, float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
+}
+
+using switchboard::prefetch_lines;
+
+// exp(x) for x <= 0 (a score minus its maximum), in plain arithmetic that gcc vectorises: 2^n * exp(r) with
+// |r| <= ln(2) / 2 and Cephes' expf polynomial (relative error about 2e-7); 0 below -87, NaN kept.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = float(-int32_t(0.5f - xc * 1.44269504088896341f));  // nearest: truncates a positive
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : (x == x ? p * two_n : x);  // NaN stays NaN
+}
+
+// Dot product of two float32 rows (D known at compile time for the common head sizes).
+template <int64_t DC>
+inline float dot(const float* a, const float* b, int64_t D) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < (DC > 0 ? DC : D); ++d) s += a[d] * b[d];
+  return s;
+}
+
+// q and out rows are few (H * D per sequence): converted by dtype at run time.
+template <typename T>
+inline void load_scaled(const void* src, float scale, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<const T*>(src)[i]) * scale;
+}
+
+inline void load_q(const void* src, at::ScalarType t, float scale, float* dst, int64_t n) {
+  switch (t) {
+    case at::kBFloat16: return load_scaled<c10::BFloat16>(src, scale, dst, n);
+    case at::kHalf: return load_scaled<c10::Half>(src, scale, dst, n);
+    default: return load_scaled<float>(src, scale, dst, n);
+  }
+}
+
+template <typename T>
+inline void store_scaled(const float* src, float scale, void* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) static_cast<T*>(dst)[i] = static_cast<T>(src[i] * scale);
+}
+
+inline void store_out(const float* src, float scale, void* dst, at::ScalarType t, int64_t n) {
+  switch (t) {
+    case at::kBFloat16: return store_scaled<c10::BFloat16>(src, scale, dst, n);
+    case at::kHalf: return store_scaled<c10::Half>(src, scale, dst, n);
+    default: return store_scaled<float>(src, scale, dst, n);
+  }
+}
+
+template <int64_t DC, typename KT>
+void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+            const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = DC > 0 ? DC : q.size(2), KV = k_cache.size(1), L = slots.size(1);
+  const int64_t G = H / KV, R = KV * D, esize = q.element_size();  // R: one slot's row, all kv heads
+  const int64_t q_sb = q.stride(0) * esize, q_sh = q.stride(1) * esize;
+  const at::ScalarType qt = q.scalar_type();
+  const char* qp = static_cast<const char*>(q.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  const KT* k = k_cache.data_ptr<KT>();
+  const KT* v = v_cache.data_ptr<KT>();
+  const int64_t* all_slots = slots.data_ptr<int64_t>();
+  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
+  constexpr int64_t PF = 2;  // rows prefetched ahead: a block's rows are contiguous, the next block anywhere
+  std::atomic<int64_t> next{0};
+  // One worker per thread, each taking sequences off a shared counter (contexts are ragged).
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> qf(H * D), acc(H * D), scores(H * L), denom(H), rbuf(R);
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
+        const int64_t n = lens[b];
+        const int64_t* sl = all_slots + b * L;
+        for (int64_t hq = 0; hq < H; ++hq) load_q(qp + b * q_sb + hq * q_sh, qt, scale, qf.data() + hq * D, D);
+        // Scores: each key row is read once, in place, for the G query heads that share it.
+        for (int64_t l = 0; l < n; ++l) {
+          if (l + PF < n) prefetch_lines(k + sl[l + PF] * R, R * sizeof(KT));
+          const float* kr = row_f32(k + sl[l] * R, rbuf.data(), R);
+          for (int64_t h = 0; h < KV; ++h)
+            for (int64_t hq = h * G; hq < (h + 1) * G; ++hq)
+              scores[hq * L + l] = dot<DC>(qf.data() + hq * D, kr + h * D, D);
+        }
+        // Softmax numerators, max-subtracted, and their sums.
+        for (int64_t hq = 0; hq < H; ++hq) {
+          float* s = scores.data() + hq * L;
+          float m = s[0];
+#pragma omp simd reduction(max : m)
+          for (int64_t l = 0; l < n; ++l) m = s[l] > m ? s[l] : m;
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t l = 0; l < n; ++l) {
+            s[l] = exp_nonpositive(s[l] - m);
+            sum += s[l];
+          }
+          denom[hq] = sum;
+        }
+        // Weighted sum of the value rows, each read once, in place.
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t l = 0; l < n; ++l) {
+          if (l + PF < n) prefetch_lines(v + sl[l + PF] * R, R * sizeof(KT));
+          const float* vr = row_f32(v + sl[l] * R, rbuf.data(), R);
+          for (int64_t h = 0; h < KV; ++h) {
+            const float* vh = vr + h * D;
+            for (int64_t hq = h * G; hq < (h + 1) * G; ++hq) {
+              const float p = scores[hq * L + l];
+              float* a = acc.data() + hq * D;
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+            }
+          }
+        }
+        for (int64_t hq = 0; hq < H; ++hq)
+          store_out(acc.data() + hq * D, 1.0f / denom[hq], op + (b * H + hq) * D * esize, qt, D);
+      }
+    }
+  });
+}
+
+template <typename KT>
+void decode_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                     const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+  switch (q.size(2)) {
+    case 64: return decode<64, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+    case 128: return decode<128, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+    default: return decode<0, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+  }
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& slots, const at::Tensor& ctx_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3, "q must be [B, H, D] and the caches [num_slots, KV, D]");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  slots.device().is_cpu() && ctx_lens.device().is_cpu(),
+              "the compiled paged_decode_attention runs on CPU tensors only");
+  const at::ScalarType qt = q.scalar_type(), kt = k_cache.scalar_type();
+  TORCH_CHECK(switchboard::is_kernel_dtype(qt), "q: float32, bfloat16 or float16");
+  TORCH_CHECK(switchboard::is_kernel_dtype(kt), "cache: float32, bfloat16 or float16");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && v_cache.scalar_type() == kt && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "k_cache and v_cache: same shape and dtype, contiguous");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k_cache.size(1), num_slots = k_cache.size(0);
+  TORCH_CHECK(k_cache.size(2) == D && KV > 0 && H % KV == 0, "head_dim differs, or H is not a multiple of KV");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "slots must be a contiguous int64 [B, L]");
+  TORCH_CHECK(
+      ctx_lens.dim() == 1 && ctx_lens.size(0) == B && ctx_lens.scalar_type() == at::kLong && ctx_lens.is_contiguous(),
+      "ctx_lens must be a contiguous int64 [B]");
+  if (q.stride(2) != 1) q = q.contiguous();
+  const int64_t L = slots.size(1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // checked before any thread reads the cache
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= L, "ctx_lens[", b, "] = ", lens[b], " is outside [1, ", L, "]");
+    for (int64_t l = 0; l < lens[b]; ++l)
+      TORCH_CHECK(sl[b * L + l] >= 0 && sl[b * L + l] < num_slots, "slots[", b, ", ", l, "] is out of range");
+  }
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  const float s = static_cast<float>(scale);
+  switch (kt) {
+    case at::kBFloat16: decode_head_dim<c10::BFloat16>(q, k_cache, v_cache, slots, ctx_lens, s, out); break;
+    case at::kHalf: decode_head_dim<c10::Half>(q, k_cache, v_cache, slots, ctx_lens, s, out); break;
+    default: decode_head_dim<float>(q, k_cache, v_cache, slots, ctx_lens, s, out);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(switchboard, m) {
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor ctx_lens, "
+      "float scale) -> Tensor",
+      &paged_decode_attention);
+}

@@ -1,0 +1,68 @@
+"""The C++ of the CPU kernels lives in kernels/csrc/ as real files: formatted by clang-format, compiled here with the
+flags the server builds with plus -Wall -Wextra -Werror, shipped as package data, and no Python file holds C++."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from torch.utils.cpp_extension import include_paths
+
+from switchboard.kernels import cpp_build
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "kernels" / "csrc"
+SOURCES = sorted(CSRC.glob("*.cpp"))
+PACKAGES = ["serving", "adapters_store", "kernels", "loadtest", "training"]
+CPP_LINE = re.compile(r"^\s*(#include\s*[<\"]|TORCH_LIBRARY\w*\()", re.MULTILINE)
+
+
+def test_the_sources_are_there_and_read_as_package_data() -> None:
+    assert [p.stem for p in SOURCES] == ["cpu_adapters", "paged_attention"]
+    for path in SOURCES:
+        assert cpp_build.read_source(path.stem) == path.read_text()
+    assert cpp_build.shared_headers() == {p.name: p.read_text() for p in CSRC.glob("*.h")}
+
+
+def test_the_headers_are_part_of_the_build_key(tmp_path: Path) -> None:
+    source = '#include "switchboard_cpu.h"\n'
+    first = cpp_build.compile_job("k", source, [], tmp_path, {"switchboard_cpu.h": "// one\n"})
+    second = cpp_build.compile_job("k", source, [], tmp_path, {"switchboard_cpu.h": "// two\n"})
+    assert first.build_dir != second.build_dir
+    assert first.headers == {"switchboard_cpu.h": "// one\n"}
+
+
+def test_no_python_file_holds_cpp() -> None:
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            found = CPP_LINE.search(path.read_text())
+            assert found is None, f"{path} holds C++: {found.group(0)!r}"
+
+
+def test_clang_format_leaves_every_file_as_it_is() -> None:
+    clang_format = shutil.which("clang-format")
+    assert clang_format, "clang-format (the test extra's clang-format wheel) is not on PATH"
+    files = [str(p) for p in [*SOURCES, *sorted(CSRC.glob("*.h"))]]
+    result = subprocess.run(
+        [clang_format, "--dry-run", "--Werror", f"--style=file:{CSRC / '.clang-format'}", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_compiles_without_a_warning(source: Path, tmp_path: Path) -> None:
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler here (the server then runs its torch paths)")
+    torch_includes = [arg for path in include_paths() for arg in ("-isystem", path)]
+    command = [
+        cxx, "-std=c++20", "-fPIC", *cpp_build.CFLAGS, "-Wall", "-Wextra", "-Werror", *torch_includes,
+        "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
