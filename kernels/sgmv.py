@@ -179,6 +179,21 @@ PackedPart = tuple[Tensor, int, int]  # (B [S, out, r_max], first column of the 
 
 
 @dataclass(frozen=True, slots=True)
+class CompiledLora:
+    """The compiled CPU op's operands for one packed linear (`cpu_adapters.lora_packed_gather_lists`), derived once
+    by `pack_lora`."""
+
+    a_storage: Tensor  # [S, in, W]: A's k-major storage
+    b_storages: list[Tensor]  # per part, [S, r, out]
+    cols: list[int]  # per part, its first column in y
+    rows: list[int]  # per part, its first row of h
+    rank: int  # r, the padded rank of every part
+    # bf16 slots coded in 12 bits a weight (`bf16_codec`), A's stack and then each B's, for the op to stream; empty
+    # where coding is off or does not pay here.
+    coded: list[Tensor]
+
+
+@dataclass(frozen=True, slots=True)
 class PackedLora:
     """One packed linear's LoRA stacks (q|k|v, gate|up) as `lora_packed` takes them. Build it with `pack_lora`
     when the stacks change (the slot cache does, per linear), not per call: a decode step calls `lora_packed` for
@@ -186,16 +201,13 @@ class PackedLora:
 
     A: Tensor  # [S, W, in], every part's rows (W = parts x r_max)
     parts: tuple[PackedPart, ...]
-    # (A storage [S, in, W], B storages [S, r, out], columns, h rows, r, coded stacks) when the compiled CPU op takes
-    # these stacks (k-major CPU tensors and the op built here), else None. The coded stacks (`bf16_codec`: A's, then
-    # each B's) hold bf16 slots in 12 bits a weight for the op to stream; empty where coding is off or does not pay.
-    compiled: tuple[Tensor, list[Tensor], list[int], list[int], int, list[Tensor]] | None
+    compiled: CompiledLora | None  # where the compiled CPU op takes these stacks (k-major, on the CPU, built here)
 
     def recode(self, slot: int) -> None:
         """Code `slot` again after its raw weights changed (the slot cache calls it on every load)."""
-        if self.compiled is not None and self.compiled[5]:
-            A_storage, storages, *_, coded = self.compiled
-            for raw, rows in zip([A_storage, *storages], coded, strict=True):
+        if self.compiled is not None and self.compiled.coded:
+            raws = [self.compiled.a_storage, *self.compiled.b_storages]
+            for raw, rows in zip(raws, self.compiled.coded, strict=True):
                 bf16_codec.encode_slots(raw[slot : slot + 1], rows[slot : slot + 1])
 
 
@@ -210,7 +222,7 @@ def pack_lora(A: Tensor, parts: Sequence[PackedPart], code_slots: bool = True) -
         coded = []
         if code_slots and A.dtype == torch.bfloat16 and cpu_adapters.coded_slots_pay():
             coded = [bf16_codec.coded_stack(raw) for raw in [A_storage, *storages]]
-        compiled = (A_storage, storages, cols, rows, parts[0][0].shape[2], coded)
+        compiled = CompiledLora(A_storage, storages, cols, rows, parts[0][0].shape[2], coded)
     return PackedLora(A, tuple(parts), compiled)
 
 
@@ -252,7 +264,10 @@ def lora_packed(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor
     g = seg.gather
     if g.num_tokens:
         if lora.compiled is not None and cpu_adapters.rows_apply(y, x):
-            cpu_adapters.lora_packed_gather_lists(y, x, g.token_slots, *lora.compiled)
+            c = lora.compiled
+            cpu_adapters.lora_packed_gather_lists(
+                y, x, g.token_slots, c.a_storage, c.b_storages, c.cols, c.rows, c.rank, c.coded
+            )
         else:
             h = lora_shrink(x, lora.A, _gather_only(seg))
             for B, col, row in lora.parts:

@@ -118,9 +118,10 @@ def test_pack_lora_codes_bf16_slots_and_recodes_a_changed_one() -> None:
     A = sgmv.to_k_major(torch.randn(S, r, d_in).to(torch.bfloat16))
     B = sgmv.to_k_major(torch.randn(S, w, r).to(torch.bfloat16))
     lora = sgmv.pack_lora(A, [(B, 0, 0)])
-    A_storage, (B_storage,), cols, rows, _, coded = lora.compiled
+    c = lora.compiled
+    A_storage, (B_storage,), cols, rows, coded = c.a_storage, c.b_storages, c.cols, c.rows, c.coded
     assert len(coded) == 2 and all(c.dtype == torch.uint8 for c in coded)
-    assert sgmv.pack_lora(A, [(B, 0, 0)], code_slots=False).compiled[5] == []
+    assert sgmv.pack_lora(A, [(B, 0, 0)], code_slots=False).compiled.coded == []
     x, slots = torch.randn(S, d_in).to(torch.bfloat16), torch.arange(S)
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,7 +56,8 @@ def test_pack_lora_derives_the_compiled_operands_once(make_randn) -> None:
     if not cpu_adapters.compiled_adapters_available():
         assert lora.compiled is None
         return
-    A_storage, Bs, cols, rows, r, coded = lora.compiled
+    c = lora.compiled
+    A_storage, Bs, cols, rows, r, coded = c.a_storage, c.b_storages, c.cols, c.rows, c.rank, c.coded
     assert A_storage.is_contiguous() and A_storage.data_ptr() == A.data_ptr()  # the slots themselves, no copy
     assert [B.data_ptr() for B in Bs] == [B.data_ptr() for B, _, _ in parts]
     assert (cols, rows, r) == ([0, 512, 640], [0, 16, 32], 16)

@@ -201,6 +201,6 @@ def test_coded_lora_slots_give_the_same_tokens(tiny_model_dir: Path, peft_adapte
         packed = [p.compiled for p in engine.adapter_slots.lora_packed.values() if p.compiled is not None]
         coded = code and compiled_adapters_available() and coded_slots_pay()
         assert packed or not compiled_adapters_available()
-        assert all(bool(c[5]) == coded for c in packed)
+        assert all(bool(c.coded) == coded for c in packed)
         tokens[code] = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), names)
     assert tokens[True] == tokens[False]
