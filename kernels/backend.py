@@ -1,7 +1,9 @@
 """Choose the adapter kernels once, by backend, through a dict: callers hold an `AdapterKernels` and never branch.
 
 - REFERENCE: float32 loops over tokens, the spec and the test oracle (slow).
-- TORCH: the fast torch path, the CPU choice (runs on any device).
+- TORCH: the fast torch path (runs on any device).
+- COMPILED_CPU: TORCH with the gathered (decode) tokens in C++ ops (`cpu_backend`, `cpu_adapters`), the CPU choice
+  where they build (a C++ compiler at first start; cached per machine).
 - TRITON: Triton shrink, expand and scale (KronA stays on torch: its factors are tiny matmuls); needs CUDA. On CPU
   tensors the kernels run only under Triton's interpreter: TRITON_INTERPRET=1 set before `triton` is first imported
   (torch._dynamo imports it too), and not in bfloat16 (the interpreter's tl.dot misreads bf16, triton#11584).
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import kron, scale, sgmv
+from . import cpu_adapters, cpu_backend, kron, scale, sgmv
 from .segments import Segments
 from .sgmv import PackedLora
 
@@ -28,6 +30,7 @@ class Backend(enum.Enum):
     REFERENCE = "reference"
     TORCH = "torch"
     TRITON = "triton"
+    COMPILED_CPU = "compiled-cpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +113,27 @@ def _load_triton() -> AdapterKernels:
     )
 
 
+def _load_compiled_cpu() -> AdapterKernels:
+    reason = cpu_adapters.compiled_adapters_unavailable_reason()  # builds the ops on first use
+    if reason is not None:
+        raise BackendUnavailable(f"the compiled CPU ops cannot be built here: {reason}")
+    return AdapterKernels(
+        backend=Backend.COMPILED_CPU,
+        lora_shrink=sgmv.lora_shrink,
+        lora_expand=sgmv.lora_expand,
+        lora_apply=sgmv.lora_apply,
+        lora_packed=cpu_backend.lora_packed,
+        kron_apply=cpu_backend.kron_apply,
+        segmented_scale=cpu_backend.segmented_scale,
+        segmented_scaled=cpu_backend.segmented_scaled,
+    )
+
+
 _LOADERS: dict[Backend, Callable[[], AdapterKernels]] = {
     Backend.REFERENCE: _load_reference,
     Backend.TORCH: _load_torch,
     Backend.TRITON: _load_triton,
+    Backend.COMPILED_CPU: _load_compiled_cpu,
 }
 
 
@@ -126,11 +146,17 @@ def triton_unavailable_reason() -> str | None:
 
 @functools.cache
 def get_kernels(backend: Backend) -> AdapterKernels:
-    """The kernels of `backend`, loaded once. Raises BackendUnavailable (TRITON without the package)."""
+    """The kernels of `backend`, loaded once. Raises BackendUnavailable (TRITON without the package, COMPILED_CPU
+    where the ops cannot be built)."""
     return _LOADERS[backend]()
 
 
 def default_backend(device: torch.device | str) -> Backend:
-    """TRITON on a CUDA device when Triton is installed, else TORCH."""
-    cuda = torch.device(device).type == "cuda"
-    return Backend.TRITON if cuda and triton_unavailable_reason() is None else Backend.TORCH
+    """TRITON on a CUDA device when Triton is installed; COMPILED_CPU on the CPU where the ops build (building them
+    on first use); else TORCH."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return Backend.TRITON if triton_unavailable_reason() is None else Backend.TORCH
+    if kind == "cpu" and cpu_adapters.compiled_adapters_available():
+        return Backend.COMPILED_CPU
+    return Backend.TORCH

@@ -4,7 +4,8 @@ T = 32 decode tokens spread over 1 / 4 / 32 distinct adapters (token t uses the 
 over a pool of 32), LoRA r = 16, in = out = 512, bfloat16. Prints the median time per call of the base linear
 `x @ W.T` of the same shape (the dense baseline), the fast torch path with row-major and with k-major slots, a
 gather of per-token A and B followed by bmm (the form the kernels avoid), the float32 reference loop, and Triton
-where a CUDA device is present; then KronA and (IA)3 on the same batch.
+where a CUDA device is present; then KronA and (IA)3 on the same batch, by torch and, on a CPU where they build, by
+the compiled ops.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     V = torch.randint(0, 2, (S, d), device=device).to(dtype) * 2 - 1  # +-1: y keeps its scale over many calls
     y = torch.zeros(T, d, dtype=dtype, device=device)
     triton = get_kernels(Backend.TRITON) if default_backend(device) is Backend.TRITON else None
+    compiled = get_kernels(Backend.COMPILED_CPU) if default_backend(device) is Backend.COMPILED_CPU else None
 
     print(f"T={T} decode tokens, r={r}, in=out={d}, {args.dtype}, {S} resident slots, {args.threads} threads, {device}")
     print("best-of-3 median us per call; x dense = time / time of the base linear x @ W.T")
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         if triton is not None:
             rows["lora triton"] = functools.partial(triton.lora_apply, y, x, A, B, seg)
+        if compiled is not None:
+            rows["krona compiled (C++)"] = functools.partial(compiled.kron_apply, y, x, W1, W2, seg)
+            rows["ia3 compiled (C++)"] = functools.partial(compiled.segmented_scale, y, V, seg)
         times = _best_median_us(rows, device)
         dense = times["dense x @ W.T"]
         print(f"\n{k} distinct adapter(s)")

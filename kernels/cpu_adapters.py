@@ -127,14 +127,14 @@ def _require_built() -> None:
 
 
 def applies(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
-    """Whether the compiled ops can take these operands: `rows` (activations, outputs) CPU tensors with contiguous
-    rows, `whole` (slot stacks) contiguous CPU tensors, and the library built here. The torch paths take everything
-    else."""
-    return (
-        rows_apply(*rows)
-        and all(t.device.type == "cpu" and t.is_contiguous() for t in whole)
-        and compiled_adapters_available()
-    )
+    """Whether the compiled ops can take these operands here: they fit (`operands_fit`) and the library is built."""
+    return operands_fit(rows, whole) and compiled_adapters_available()
+
+
+def operands_fit(rows: Sequence[Tensor], whole: Sequence[Tensor]) -> bool:
+    """Whether the compiled ops take these operands: `rows` (activations, outputs) CPU tensors with contiguous rows,
+    `whole` (slot stacks) contiguous CPU tensors. The torch paths take everything else."""
+    return rows_apply(*rows) and all(t.device.type == "cpu" and t.is_contiguous() for t in whole)
 
 
 def rows_apply(*rows: Tensor) -> bool:

@@ -9,8 +9,8 @@ column form):
 Tokens sharing a slot are done at once with two batched matmuls, in whichever order costs fewer multiply-adds
 (W2 first: n*i1*o2*(i2 + o1), W1 first: n*o1*i2*(i1 + o2)); activations are permuted between them, weights never
 copied per token. Long runs get one such product each; the other tokens are grouped by slot into a padded
-[U, width] batch over the U distinct slots (copying those slots' factors unless they are exactly 0..U-1), or, on
-CPU tensors, go to the compiled op (`cpu_adapters.kron_gather`: one call, one pass per token, no padding).
+[U, width] batch over the U distinct slots (copying those slots' factors unless they are exactly 0..U-1). The
+compiled CPU backend (`cpu_backend`) sends those tokens to a C++ op instead and keeps the long runs here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_adapters
 from .segments import NO_SLOT, Gather, Segments
 
 
@@ -75,13 +74,20 @@ def kron_apply(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> T
     Returns:
         y.
     """
-    g = seg.gather
-    if g.num_tokens and cpu_adapters.applies((y, x), (W1, W2)):
-        cpu_adapters.kron_gather(y, x, g.token_slots, W1, W2)
-    elif g.covers_all and g.num_tokens:
-        y.add_(_kron_gathered(x, W1, W2, g))
-    elif g.num_tokens:
-        y.index_add_(0, g.rows, _kron_gathered(x.index_select(0, g.rows), W1, W2, g))
+    if seg.gather.num_tokens:
+        kron_gathered(y, x, W1, W2, seg.gather)
+    return kron_long_runs(y, x, W1, W2, seg)
+
+
+def kron_gathered(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, g: Gather) -> Tensor:
+    """`kron_apply` for the gathered tokens of `g` (at least one), in place on y."""
+    if g.covers_all:
+        return y.add_(_kron_gathered(x, W1, W2, g))
+    return y.index_add_(0, g.rows, _kron_gathered(x.index_select(0, g.rows), W1, W2, g))
+
+
+def kron_long_runs(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, seg: Segments) -> Tensor:
+    """`kron_apply` for the long runs of `seg`: one grouped product per run, in place on y."""
     i1, i2 = W1.shape[2], W2.shape[2]
     for start, end, slot in seg.long_runs:
         X = x[start:end].reshape(1, end - start, i1, i2)

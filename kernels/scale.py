@@ -3,9 +3,9 @@
 Slots are stacked: `V: [S, n]`. Used on the k and v column slices of a packed q|k|v output (in place on a strided
 view) and on the input of down_proj. Tokens without an adapter (slot -1) are left as they are. Long runs multiply
 by their slot's vector broadcast over the run; the other tokens multiply by their gathered vectors at once (a
-vector is no larger than the activation row it scales, so the gather costs what one more read of x costs), or, on
-CPU tensors, in one compiled call (`cpu_adapters.scale_gather`: no index_select / index_copy round trip when only
-some tokens carry an (IA)3 adapter, as in a batch mixing kinds).
+vector is no larger than the activation row it scales, so the gather costs what one more read of x costs). The
+compiled CPU backend (`cpu_backend`) scales those tokens in one C++ call instead (no index_select / index_copy round
+trip when only some tokens carry an (IA)3 adapter, as in a batch mixing kinds).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu_adapters
-from .segments import NO_SLOT, Segments
+from .segments import NO_SLOT, Gather, Segments
 
 
 def segmented_scale_ref(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
@@ -40,13 +39,20 @@ def segmented_scale(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
     Returns:
         x.
     """
-    g = seg.gather
-    if g.num_tokens and cpu_adapters.applies((x,), (V,)):
-        cpu_adapters.scale_gather(x, g.token_slots, V)
-    elif g.covers_all and g.num_tokens:
-        x.mul_(V.index_select(0, g.slots))  # [T, n]: one gathered vector per token
-    elif g.num_tokens:
-        x.index_copy_(0, g.rows, x.index_select(0, g.rows).mul_(V.index_select(0, g.slots)))
+    if seg.gather.num_tokens:
+        scale_gathered(x, V, seg.gather)
+    return scale_long_runs(x, V, seg)
+
+
+def scale_gathered(x: Tensor, V: Tensor, g: Gather) -> Tensor:
+    """`segmented_scale` for the gathered tokens of `g` (at least one), in place on x."""
+    if g.covers_all:
+        return x.mul_(V.index_select(0, g.slots))  # [T, n]: one gathered vector per token
+    return x.index_copy_(0, g.rows, x.index_select(0, g.rows).mul_(V.index_select(0, g.slots)))
+
+
+def scale_long_runs(x: Tensor, V: Tensor, seg: Segments) -> Tensor:
+    """`segmented_scale` for the long runs of `seg`, in place on x."""
     for start, end, slot in seg.long_runs:
         x[start:end].mul_(V[slot])  # one vector broadcast over the run's rows: no copies
     return x

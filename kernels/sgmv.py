@@ -247,9 +247,9 @@ def lora_packed(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor
                 for B, col, row in lora.parts:
                     y[t, col : col + out] += B[s] @ h[row : row + r]
 
-    On CPU tensors with k-major slots the gathered tokens go to the compiled op (`cpu_adapters`: one call for the
-    shrink and every expand); elsewhere, or where it cannot be built, to `lora_shrink` and `lora_expand`. Long runs
-    take one matmul per run and part on the slot's weights in place.
+    The gathered tokens go to `lora_shrink` and `lora_expand` (the compiled CPU backend, `cpu_backend`, sends them to
+    one C++ call for the shrink and every expand instead); long runs take one matmul per run and part on the slot's
+    weights in place.
 
     Args:
         y: [T, out_total] packed output, updated in place.
@@ -261,17 +261,22 @@ def lora_packed(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor
     Returns:
         y.
     """
-    g = seg.gather
-    if g.num_tokens:
-        if lora.compiled is not None and cpu_adapters.rows_apply(y, x):
-            c = lora.compiled
-            cpu_adapters.lora_packed_gather_lists(
-                y, x, g.token_slots, c.a_storage, c.b_storages, c.cols, c.rows, c.rank, c.coded
-            )
-        else:
-            h = lora_shrink(x, lora.A, _gather_only(seg))
-            for B, col, row in lora.parts:
-                lora_expand(y[:, col : col + B.shape[1]], h[:, row : row + B.shape[2]], B, _gather_only(seg))
+    if seg.gather.num_tokens:
+        lora_packed_gathered(y, x, lora, seg)
+    return lora_packed_long_runs(y, x, lora, seg)
+
+
+def lora_packed_gathered(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor:
+    """`lora_packed` for the gathered tokens of `seg` (not its long runs), in place on y."""
+    gathered = _gather_only(seg)
+    h = lora_shrink(x, lora.A, gathered)
+    for B, col, row in lora.parts:
+        lora_expand(y[:, col : col + B.shape[1]], h[:, row : row + B.shape[2]], B, gathered)
+    return y
+
+
+def lora_packed_long_runs(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor:
+    """`lora_packed` for the long runs of `seg`: one matmul per run and part, in place on y."""
     for start, end, slot in seg.long_runs:
         h = x[start:end] @ lora.A[slot].t()  # [n, W]
         for B, col, row in lora.parts:

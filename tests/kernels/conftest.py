@@ -125,12 +125,13 @@ def pattern(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=["compiled", "torch"])
-def gather_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Gathered tokens through the compiled CPU op (where it builds) or through the torch form (op switched off)."""
+def gather_path(request: pytest.FixtureRequest):
+    """The kernels whose gathered tokens go through the compiled CPU ops (where they build) or the torch forms."""
     from switchboard.kernels import cpu_adapters
+    from switchboard.kernels.backend import Backend, get_kernels
 
     if request.param == "torch":
-        monkeypatch.setattr(cpu_adapters, "compiled_adapters_available", lambda: False)
-    elif not cpu_adapters.compiled_adapters_available():
+        return get_kernels(Backend.TORCH)
+    if not cpu_adapters.compiled_adapters_available():
         pytest.skip(f"no C++ build here: {cpu_adapters.compiled_adapters_unavailable_reason()}")
-    return request.param
+    return get_kernels(Backend.COMPILED_CPU)

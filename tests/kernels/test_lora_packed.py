@@ -37,7 +37,9 @@ def _case(shape, pattern, dtype, make_slots, make_randn):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_lora_packed_matches_reference(shape, pattern, dtype, make_slots, make_randn, assert_close) -> None:
+def test_lora_packed_matches_reference(
+    shape, pattern, dtype, gather_path, make_slots, make_randn, assert_close
+) -> None:
     slots, x, A, parts, y = _case(shape, pattern, dtype, make_slots, make_randn)
     lora = sgmv.pack_lora(A, parts)
     expected = sgmv.lora_packed_ref(y.clone(), x, lora, build_segments(slots))
@@ -45,9 +47,9 @@ def test_lora_packed_matches_reference(shape, pattern, dtype, make_slots, make_r
     for min_run in (1, 8, 10**9):  # every run a matmul, the default split, every token gathered
         seg = build_segments(slots, min_gemm_run=min_run)
         out = y.clone()
-        assert sgmv.lora_packed(out, x, lora, seg) is out
+        assert gather_path.lora_packed(out, x, lora, seg) is out
         assert_close(out, expected, f"min_gemm_run={min_run}")
-        assert_close(sgmv.lora_packed(y.clone(), x, row_major, seg), expected, "row-major")
+        assert_close(gather_path.lora_packed(y.clone(), x, row_major, seg), expected, "row-major")
 
 
 def test_pack_lora_derives_the_compiled_operands_once(make_randn) -> None:
@@ -113,5 +115,8 @@ def test_every_backend_offers_the_packed_form(make_randn, assert_close) -> None:
     slots, x, A, parts, y = _case(SHAPES[1], "uniform", torch.float32, lambda p, T, S: [0, 1, -1, 3] * 6, make_randn)
     seg, lora = build_segments(slots), sgmv.pack_lora(A, parts)
     expected = sgmv.lora_packed_ref(y.clone(), x, lora, seg)
-    for backend in (Backend.REFERENCE, Backend.TORCH):
+    backends = [Backend.REFERENCE, Backend.TORCH]
+    if cpu_adapters.compiled_adapters_available():
+        backends.append(Backend.COMPILED_CPU)
+    for backend in backends:
         assert_close(get_kernels(backend).lora_packed(y.clone(), x, lora, seg), expected, backend.value)

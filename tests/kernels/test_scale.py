@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchboard.kernels.scale import segmented_scale, segmented_scale_ref, segmented_scaled
+from switchboard.kernels.scale import segmented_scale_ref, segmented_scaled
 from switchboard.kernels.segments import build_segments
 
 
@@ -20,9 +20,9 @@ def test_segmented_scale_matches_reference(
     for min_run in (1, 8, 10**9):  # every run broadcast, the default split, every token gathered
         seg = build_segments(slots, min_gemm_run=min_run)
         out = x.clone()
-        assert segmented_scale(out, V, seg) is out
+        assert gather_path.segmented_scale(out, V, seg) is out
         assert_close(out, expected, f"min_gemm_run={min_run}")
-        assert_close(segmented_scaled(x, V, seg), expected, f"out of place, min_gemm_run={min_run}")
+        assert_close(gather_path.segmented_scaled(x, V, seg), expected, f"out of place, min_gemm_run={min_run}")
 
 
 @pytest.mark.parametrize("slots", [[0, 1, -1, 2], [2, 2, 2, -1, -1, 0], [1, 0, 2, 1]], ids=["decode", "runs", "full"])
@@ -38,8 +38,8 @@ def test_scales_k_and_v_slices_of_a_packed_output_in_place(
     expected = qkv.clone()
     segmented_scale_ref(expected[:, 64:96], Vk, seg)
     segmented_scale_ref(expected[:, 96:], Vv, seg)
-    segmented_scale(qkv[:, 64:96], Vk, seg)
-    segmented_scale(qkv[:, 96:], Vv, seg)
+    gather_path.segmented_scale(qkv[:, 64:96], Vk, seg)
+    gather_path.segmented_scale(qkv[:, 96:], Vv, seg)
     assert_close(qkv, expected)
 
 
