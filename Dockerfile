@@ -34,6 +34,7 @@ COPY adapters_store adapters_store
 COPY kernels kernels
 COPY loadtest loadtest
 COPY training training
+COPY bench bench
 RUN pip install -c "requirements/$VARIANT.txt" --no-build-isolation .
 
 USER 10001

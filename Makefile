@@ -80,8 +80,8 @@ profile: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard profile --model $(DEMO_MODEL)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check serving adapters_store kernels loadtest training tests
-	$(VENV)/bin/ruff format --check serving adapters_store kernels loadtest training tests
+	$(VENV)/bin/ruff check serving adapters_store kernels loadtest training bench tests
+	$(VENV)/bin/ruff format --check serving adapters_store kernels loadtest training bench tests
 
 clean:
 	rm -rf $(VENV) .cache bench-results

@@ -1,11 +1,11 @@
 """Lossless 12-bit coding of bf16 LoRA slots, so that the compiled CPU op reads a quarter fewer bytes.
 
-With 32 distinct adapters in a decode batch every slot's weights come from memory once a step, and the op runs at
-the machine's streaming rate (`bench_stream`). A bf16 weight's high byte (sign and the upper seven exponent bits)
-takes few values in one slot matrix: the weights of a matrix span a few binades. So each weight is stored as its low
-byte and a 4-bit code that indexes the slot's table of its 15 most common high bytes; code 15 escapes to the slot's
-list of weights stored whole. Decoding is exact: the op gets the very weights of the raw stack, and its sums are
-the same bit for bit (tests/kernels/test_bf16_codec.py checks both).
+With 32 distinct adapters in a decode batch every slot's weights come from memory once a step, and the op runs at the
+machine's streaming rate (`switchboard.bench.stream`). A bf16 weight's high byte (sign and the upper seven exponent
+bits) takes few values in one slot matrix: the weights of a matrix span a few binades. So each weight is stored as its
+low byte and a 4-bit code that indexes the slot's table of its 15 most common high bytes; code 15 escapes to the slot's
+list of weights stored whole. Decoding is exact: the op gets the very weights of the raw stack, and its sums are the
+same bit for bit (tests/kernels/test_bf16_codec.py checks both).
 
 A coded stack is a uint8 tensor [S, L], one row per slot:
 - bytes [0, 15): the table of high bytes; byte 15 is 1 when the slot is coded, 0 when it is not (more escapes than

@@ -1,24 +1,24 @@
 """Compiled CPU ops for the gathered (decode) tokens of a step: LoRA on a packed linear, and KronA on one part.
 
 LoRA. The torch gather path (`sgmv.lora_shrink` / `lora_expand` over k-major slots) is two embedding bags per part plus
-the index tensors they need, each call a few microseconds of dispatch and a pass over its output; for a packed
-q|k|v that is seven calls per layer. Here one C++ call per packed linear does it all: tokens are grouped by slot
-(a counting pass), each group is cut into blocks of up to 8 tokens, and threads take runs of blocks. First every
-block's shrink (h = x A^T in float32, never rounded; each of the slot's A rows read once for the block's tokens),
-then, part by part, every block's expand, adding the delta into the part's columns of y in place. Shrinks first and
-parts one after another make each thread read one sequence of stacks (slot after slot) rather than alternating
-between A and three B's per slot; with 32 distinct adapters, where the weights come from memory, the op went from
-about 23 GB/s to about 33 GB/s, this machine's streaming rate (a `sum` over 128 MiB). Weights a call reads once
-(a slot whose tokens fit one block, as with 32 distinct adapters) are prefetched non-temporally a little ahead, so
-that the stream evicts less of what the rest of the step keeps in L2 and L3 (`bench_stream` shows the working set it
-leaves; in the engine, 32 distinct all-linear adapters cost about 0.12 ms a step less). Long runs (prefill chunks)
-stay on the GEMM path, which does them better.
+the index tensors they need, each call a few microseconds of dispatch and a pass over its output; for a packed q|k|v
+that is seven calls per layer. Here one C++ call per packed linear does it all: tokens are grouped by slot (a counting
+pass), each group is cut into blocks of up to 8 tokens, and threads take runs of blocks. First every block's shrink (h =
+x A^T in float32, never rounded; each of the slot's A rows read once for the block's tokens), then, part by part, every
+block's expand, adding the delta into the part's columns of y in place. Shrinks first and parts one after another make
+each thread read one sequence of stacks (slot after slot) rather than alternating between A and three B's per slot; with
+32 distinct adapters, where the weights come from memory, the op went from about 23 GB/s to about 33 GB/s, this
+machine's streaming rate (a `sum` over 128 MiB). Weights a call reads once (a slot whose tokens fit one block, as with
+32 distinct adapters) are prefetched non-temporally a little ahead, so that the stream evicts less of what the rest of
+the step keeps in L2 and L3 (`switchboard.bench.stream` shows the working set it leaves; in the engine, 32 distinct
+all-linear adapters cost about 0.12 ms a step less). Long runs (prefill chunks) stay on the GEMM path, which does them
+better.
 
 Coded slots. Where the caller passes coded copies of bf16 stacks (`bf16_codec`: 12 bits a weight, lossless), a slot
 with one or two tokens in the call is read from them: each granule of 64 weights is decoded with AVX-512 byte
 shuffles straight into the registers of a column tile (`coded_tile`), whose sums are rows_matmul's in the same order,
 so the output is the raw op's bit for bit. With 32 distinct adapters the op reads 0.76x the bytes and takes about
-0.8x the time (`bench_stream`).
+0.8x the time (`switchboard.bench.stream`).
 
 Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the layout `AdapterSlots` allocates);
 the functions here take those storage tensors, not the transposed views the torch kernels take.

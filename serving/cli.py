@@ -1,18 +1,16 @@
-"""`switchboard` command line: serve, demo-model, bench."""
+"""`switchboard` command line: serve, build-kernels, demo-model, demo-adapters, upload, train, loadtest, and the
+benchmarks that bench/ registers (bench, bench-adapters, bench-train, profile)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 from pathlib import Path
 
-from switchboard.serving.store_cli import (
-    add_bench_adapters_parser,
-    add_store_args,
-    add_upload_parser,
-    store_settings,
-)
+from switchboard.serving.store_cli import add_store_args, add_upload_parser, store_settings
 from switchboard.training.cli import add_train_parser
 
 DEMO_DIR = Path(".cache/demo-model")
@@ -94,66 +92,11 @@ def _add_demo_adapters(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="with --train: retrain adapters that exist")
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="engine throughput beside transformers generate (prints a table)")
-    p.add_argument("--model", default="demo")
-    p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--hf-single", type=int, default=8, help="requests timed one at a time with transformers")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
-
-
-def _add_profile(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="unmerged adapters against the base model and merging (prints a table)")
-    p.add_argument("--model", default="demo")
-    p.add_argument(
-        "--kinds", default="lora,krona,ia3,prefix,mixed", help="comma-separated: lora,krona,ia3,prefix,mixed"
-    )
-    p.add_argument("--num-adapters", type=int, default=32)
-    p.add_argument("--lora-ranks", default="8,16", help="LoRA ranks, each on attention and on all linear layers")
-    p.add_argument("--batch-sizes", default=None, help="comma-separated concurrent requests per run (default 1,8,32)")
-    p.add_argument("--num-requests", type=int, default=None, help="one batch size (same as --batch-sizes N)")
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument(
-        "--kv-cache-gb", type=float, default=None, help="per configuration (default: the largest batch, whole)"
-    )
-    p.add_argument(
-        "--no-peft-baseline",
-        dest="peft_baseline",
-        action="store_false",
-        help="skip PEFT's mixed-batch generate on the 32 distinct LoRA r=8 adapters",
-    )
-    p.add_argument("--peer-url", default=None, help="also run the workload against this OpenAI-compatible server")
-    p.add_argument("--peer-adapters", default=None, help="comma-separated peer adapter ids (default: all it lists)")
-    p.add_argument("--out", type=Path, default=Path("bench-results/profile"))
-
-
 def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     from switchboard.loadtest.main import add_arguments
 
     p = sub.add_parser("loadtest", help="multi-tenant load test of an OpenAI-compatible server (JSON, Markdown, PNG)")
     add_arguments(p)
-
-
-def _add_bench_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench-train", help="training cost per adapter kind beside full fine-tuning; NF4 vs bf16 serving (table)"
-    )
-    p.add_argument("--model", default="demo")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "training/tasks/lookup.jsonl")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per method")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-requests", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("bench-results/train.json"))
 
 
 def _add_build_kernels(sub: argparse._SubParsersAction) -> None:
@@ -175,6 +118,15 @@ def run_build_kernels() -> int:
     for name, reason in reasons.items():
         print(f"{name}: {'ready' if reason is None else 'NOT BUILT, the torch path runs instead: ' + reason}")
     return 1 if any(reasons.values()) else 0
+
+
+def _add_registered_commands(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
+    """Commands other packages add through the `switchboard.commands` entry point (the benchmarks, bench/): each
+    entry is a function that adds its subparsers and returns a runner per command. The server imports none of them."""
+    runners: dict[str, Callable[[argparse.Namespace], None]] = {}
+    for entry in sorted(entry_points(group="switchboard.commands"), key=lambda e: e.name):
+        runners.update(entry.load()(sub))
+    return runners
 
 
 def model_dir(model: str) -> Path:
@@ -259,14 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     _add_serve(sub)
     _add_demo(sub)
     _add_demo_adapters(sub)
-    _add_bench(sub)
-    _add_profile(sub)
     add_upload_parser(sub)
-    add_bench_adapters_parser(sub)
     add_train_parser(sub)
-    _add_bench_train(sub)
     _add_loadtest(sub)
     _add_build_kernels(sub)
+    registered = _add_registered_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # bitsandbytes (imported by peft) warns at import that Hugging Face's optional `kernels` package is missing (it
@@ -277,10 +226,6 @@ def main(argv: list[str] | None = None) -> None:
             _serve(args)
         elif args.command == "build-kernels":
             raise SystemExit(run_build_kernels())
-        elif args.command == "bench-adapters":
-            from .bench_adapters import run_bench_adapters
-
-            run_bench_adapters(args, model_dir(args.model))
         elif args.command == "upload":
             from .store_cli import run_upload
 
@@ -301,30 +246,16 @@ def main(argv: list[str] | None = None) -> None:
                 adapters = ensure_demo_adapters(model_dir(args.model), args.out)
             for name, path in adapters.items():
                 print(f"{name}={path}")
-        elif args.command == "bench":
-            from .bench import run_bench
-
-            run_bench(args, model_dir(args.model))
-        elif args.command == "bench-train":
-            from .bench_train import run_bench_train
-
-            run_bench_train(args, model_dir(args.model))
         elif args.command == "train":
             from switchboard.training.cli import run_train
 
             run_train(args, model_dir(args.model))
-        elif args.command == "profile":
-            from .profile import run_profile
-
-            args.kinds = [k for k in args.kinds.split(",") if k]
-            unknown = set(args.kinds) - {"lora", "krona", "ia3", "prefix", "mixed"}
-            if unknown:
-                raise ValueError(f"--kinds: unknown {sorted(unknown)}; choose from lora,krona,ia3,prefix,mixed")
-            run_profile(args, model_dir(args.model))
         elif args.command == "loadtest":
             from switchboard.loadtest.main import config_from_args, run
 
             run(config_from_args(args))
+        elif args.command in registered:
+            registered[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

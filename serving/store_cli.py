@@ -83,20 +83,3 @@ def run_upload(args: argparse.Namespace) -> int:
         print(f"switchboard: upload failed with HTTP {resp.status_code}", file=sys.stderr)
         return 1
     return 0
-
-
-def add_bench_adapters_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench-adapters", help="adapter cold start, many-adapter throughput, eviction cliff")
-    p.add_argument("--model", default="demo")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--num-adapters", type=int, default=1000)
-    p.add_argument("--rank", type=int, default=8, help="rank of the stored adapters (q, k, v, o)")
-    p.add_argument("--slots", type=int, default=32, help="--max-resident-adapters")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--cliff-max-tokens", type=int, default=8)
-    p.add_argument("--trials", type=int, default=5, help="cold starts (each a new adapter)")
-    p.add_argument("--kv-cache-gb", type=float, default=0.5)
-    p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("bench-results/adapters.json"))

@@ -97,7 +97,7 @@ def steps() -> list[Step]:
 
 def test_the_image_copies_every_package_folder_and_the_lock(steps: list[Step]) -> None:
     copied = {source for step in steps if step.keyword == "COPY" for source in step.args.split()[:-1]}
-    needed = {"serving", "adapters_store", "kernels", "loadtest", "training", "requirements", "pyproject.toml"}
+    needed = {"serving", "adapters_store", "kernels", "loadtest", "training", "bench", "requirements", "pyproject.toml"}
     assert needed <= copied, f"the Dockerfile does not copy {sorted(needed - copied)}"
 
 

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOP = ("serving", "adapters_store", "kernels", "loadtest", "training")
+TOP = ("serving", "adapters_store", "kernels", "loadtest", "training", "bench")
 
 
 def test_every_package_folder_is_listed_in_pyproject() -> None:

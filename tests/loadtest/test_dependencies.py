@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODULES = ("client", "compare", "config", "main", "peer", "plots", "profile_report", "report", "runner", "stats",
-           "upload", "workload")  # fmt: skip
+MODULES = ("client", "compare", "config", "main", "peer", "plots", "report", "runner", "stats", "upload", "workload")
 
 
 def test_loadtest_never_imports_the_server(tmp_path: Path) -> None:

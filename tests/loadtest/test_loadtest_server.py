@@ -105,8 +105,8 @@ def test_closed_loop_counts_errors_by_status(server_url: str, tmp_path: Path) ->
 
 def test_profile_peer_workload_over_http(server_url: str) -> None:
     """`switchboard profile --peer-url`'s workload: base model and the server's adapters, figures per batch size."""
+    from switchboard.bench.profile_report import peer_table
     from switchboard.loadtest.peer import run_peer
-    from switchboard.loadtest.profile_report import peer_table
 
     peer = run_peer(server_url, [2], prompt_len=8, max_tokens=5, repeats=2)
     assert set(ADAPTERS) <= set(peer["adapters"])  # discovered from /v1/models

@@ -1,4 +1,4 @@
-"""`python -m switchboard.kernels.bench_stream` runs end to end on small shapes and prints one row per measurement
+"""`python -m switchboard.bench.stream` runs end to end on small shapes and prints one row per measurement
 (the figures themselves are for people, not asserted)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from switchboard.kernels import bench_stream, cpu_adapters
+from switchboard.bench import stream as bench_stream
+from switchboard.kernels import cpu_adapters
 
 
 @pytest.mark.skipif(not cpu_adapters.compiled_adapters_available(), reason="no C++ build here")

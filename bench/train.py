@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
+from switchboard.serving.engine.request import SamplingParams
 from switchboard.training.config import ALL_LINEAR, TrainConfig
 from switchboard.training.trainer import train
 
-from .bench import make_prompts
-from .config import ServeConfig
-from .engine.llm_engine import LLMEngine, load_tokenizer
-from .engine.request import SamplingParams
+from .engine import make_prompts
 
 # (label, kind, quantize, extra TrainConfig fields): the kinds with the trainer's defaults, QLoRA, full fine-tuning
 ROWS: list[tuple[str, str, str, dict[str, object]]] = [

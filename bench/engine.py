@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ServeConfig
-from .engine.llm_engine import LLMEngine, load_tokenizer
-from .engine.request import SamplingParams
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
+from switchboard.serving.engine.request import SamplingParams
 
 
 def make_prompts(tokenizer, n: int, prompt_len: int) -> list[list[int]]:

@@ -72,7 +72,7 @@ def test_profile_runs_and_reports_ratios_to_base(tiny_model_dir: Path, tmp_path:
 
 
 def test_lora_ranks_make_attention_and_all_linear_families() -> None:
-    from switchboard.serving.profile import adapter_families, kind_families
+    from switchboard.bench.profile import adapter_families, kind_families
 
     families = adapter_families([4, 32])
     assert [f for f in families if f.startswith("lora")] == [

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from switchboard.serving.bench_train import ROWS, run_bench_train
+from switchboard.bench.train import ROWS, run_bench_train
 from switchboard.training.tasks import persona
 
 from ..training.conftest import write_jsonl

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the adapter kernels on one decode step: `python -m switchboard.kernels.bench`.
+"""Micro-benchmark of the adapter kernels on one decode step: `python -m switchboard.bench.kernels`.
 
 T = 32 decode tokens spread over 1 / 4 / 32 distinct adapters (token t uses the (t mod k)-th one, slots scattered
 over a pool of 32), LoRA r = 16, in = out = 512, bfloat16. Prints the median time per call of the base linear
@@ -12,35 +12,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from collections.abc import Callable
 
 import torch
 
-from . import kron, scale, sgmv
-from .backend import Backend, default_backend, get_kernels
-from .segments import Segments, build_segments
+from switchboard.kernels import kron, scale, sgmv
+from switchboard.kernels.backend import Backend, default_backend, get_kernels
+from switchboard.kernels.segments import Segments, build_segments
 
-
-def _best_median_us(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int = 3) -> dict[str, float]:
-    """Per function, the best over `rounds` interleaved rounds of the median wall time of one call (us), each
-    round at least 0.1 s: robust to other work that shares the machine for a moment."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            sync()
-            times: list[float] = []
-            start = time.perf_counter()
-            while time.perf_counter() - start < 0.1 or len(times) < 10:
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(best[name], sorted(times)[len(times) // 2] * 1e6)
-    return best
+from .timing import best_median_us
 
 
 def _gather_bmm(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg: Segments) -> torch.Tensor:
@@ -97,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         if compiled is not None:
             rows["krona compiled (C++)"] = functools.partial(compiled.kron_apply, y, x, W1, W2, seg)
             rows["ia3 compiled (C++)"] = functools.partial(compiled.segmented_scale, y, V, seg)
-        times = _best_median_us(rows, device)
+        times = best_median_us(rows, device)
         dense = times["dense x @ W.T"]
         print(f"\n{k} distinct adapter(s)")
         for name, us in times.items():

@@ -34,8 +34,7 @@ from tqdm import tqdm
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE
 from switchboard.adapters_store.store import AdapterInfo, AdapterStore
-
-from .config import ServeConfig
+from switchboard.serving.config import ServeConfig
 
 ALL_LINEAR = tuple(TARGET_MODULES)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,8 +73,8 @@ def fill_store(root: Path, base: BaseModelShape, n: int, rank: int) -> list[str]
 def running_server(config: ServeConfig) -> Iterator[str]:
     import uvicorn
 
-    from .api.app import create_app
-    from .engine.async_engine import AsyncEngine
+    from switchboard.serving.api.app import create_app
+    from switchboard.serving.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine(config)
     sock = socket.socket()

@@ -26,11 +26,12 @@ import torch
 from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
 from safetensors.torch import load_file, save_file
 
-from .bench import hf_generate, make_prompts
-from .config import ServeConfig
-from .demo_adapters import ALL_LINEAR, ATTENTION, build_adapter
-from .engine.llm_engine import LLMEngine, load_tokenizer
-from .engine.request import SamplingParams
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.demo_adapters import ALL_LINEAR, ATTENTION, build_adapter
+from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
+from switchboard.serving.engine.request import SamplingParams
+
+from .engine import hf_generate, make_prompts
 
 PREFIX_TOKENS = 8
 OTHER_FAMILIES: dict[str, PeftConfig] = {
@@ -325,7 +326,8 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
     peer = None
     if args.peer_url:
         from switchboard.loadtest.peer import run_peer
-        from switchboard.loadtest.profile_report import peer_table
+
+        from .profile_report import peer_table
 
         peer = run_peer(args.peer_url, sizes, args.prompt_len, args.max_tokens, args.repeats, args.peer_adapters)
         print("\n" + "\n".join(peer_table({str(n): [asdict(m) for m in ms] for n, ms in by_size.items()}, peer)))
@@ -345,7 +347,7 @@ def run_profile(args: argparse.Namespace, model_dir: Path) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))
-    from switchboard.loadtest.profile_report import write_profile_report
+    from .profile_report import write_profile_report
 
     md, png = write_profile_report(report, args.out)
     print(f"\nJSON: {args.out / 'profile.json'}; Markdown: {md}; plot: {png}")

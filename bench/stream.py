@@ -1,4 +1,4 @@
-"""How fast the compiled LoRA op reads adapter weights from memory: `python -m switchboard.kernels.bench_stream`.
+"""How fast the compiled LoRA op reads adapter weights from memory: `python -m switchboard.bench.stream`.
 
 With 32 distinct adapters in a decode batch, each step reads every adapter's stacks once, more bytes than the
 caches hold, so the op's cost is how fast it streams them. This measures one step's LoRA work on the demo model's
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bf16_codec, cpu_adapters
+from switchboard.kernels import bf16_codec, cpu_adapters
 
 
 @dataclass(frozen=True, slots=True)
