@@ -26,7 +26,7 @@ DEMO_MODEL := .cache/demo-model
 DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
 SEEDED_STAMP := .cache/demo-adapters/.built
 
-.PHONY: install serve test bench lint lock demo-model demo-adapters seeded-adapters profile clean
+.PHONY: install serve test test-quick bench lint lock demo-model demo-adapters seeded-adapters profile clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ serve: $(STAMP) $(SEEDED_STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
+
+# The suite without the tests marked slow (the README walk-through, the Docker image, kernel builds and restarts).
+test-quick: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
 
 bench: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard bench --model $(DEMO_MODEL)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from switchboard.kernels import sgmv
+
 SCRIPT = """
 import sys
 import kernels                      # the foreign package, first on sys.path
@@ -16,7 +18,7 @@ import switchboard.kernels.sgmv     # ours, under its own name
 from switchboard.serving.models.quant import NF4Linear
 import torch
 assert kernels.__file__.startswith(sys.argv[1]), kernels.__file__
-assert "site-packages" not in switchboard.kernels.sgmv.__file__ or True
+assert switchboard.kernels.sgmv.__file__ == sys.argv[2], switchboard.kernels.sgmv.__file__  # ours, as installed
 layer = NF4Linear(torch.randn(64, 64), torch.float32)
 print("ok", kernels.MARK, layer(torch.randn(2, 64), None, None).shape)
 """
@@ -26,8 +28,7 @@ def test_a_foreign_top_level_kernels_package_coexists_with_ours(tmp_path: Path) 
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("MARK = 'foreign'\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
+    command = [sys.executable, "-c", SCRIPT, str(tmp_path), sgmv.__file__]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "ok foreign torch.Size([2, 64])" in done.stdout
