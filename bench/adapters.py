@@ -32,12 +32,9 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from switchboard.adapters_store.kinds import BaseModelShape
-from switchboard.adapters_store.kinds.base import CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE
+from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION, CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE
 from switchboard.adapters_store.store import AdapterInfo, AdapterStore
 from switchboard.serving.config import ServeConfig
-
-ALL_LINEAR = tuple(TARGET_MODULES)
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def lora_files(base: BaseModelShape, rank: int, modules: tuple[str, ...], seed: int, dtype: torch.dtype) -> dict:

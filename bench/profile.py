@@ -26,8 +26,9 @@ import torch
 from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
 from safetensors.torch import load_file, save_file
 
+from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION
 from switchboard.serving.config import ServeConfig
-from switchboard.serving.demo_adapters import ALL_LINEAR, ATTENTION, build_adapter
+from switchboard.serving.demo_adapters import build_adapter
 from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
 from switchboard.serving.engine.request import SamplingParams
 
@@ -35,7 +36,7 @@ from .engine import hf_generate, make_prompts
 
 PREFIX_TOKENS = 8
 OTHER_FAMILIES: dict[str, PeftConfig] = {
-    "krona": LoKrConfig(r=8, alpha=8, target_modules=ATTENTION, init_weights=False),
+    "krona": LoKrConfig(r=8, alpha=8, target_modules=list(ATTENTION), init_weights=False),
     "ia3": IA3Config(
         target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
     ),
@@ -49,7 +50,7 @@ def adapter_families(lora_ranks: list[int]) -> dict[str, PeftConfig]:
     for r in lora_ranks:
         for where, targets in (("attn", ATTENTION), ("all", ALL_LINEAR)):
             families[f"lora-r{r}-{where}"] = LoraConfig(
-                r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False
+                r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False
             )
     return families | OTHER_FAMILIES
 

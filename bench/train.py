@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from switchboard.adapters_store.kinds.base import ALL_LINEAR
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
 from switchboard.serving.engine.request import SamplingParams
-from switchboard.training.config import ALL_LINEAR, TrainConfig
+from switchboard.training.config import TrainConfig
 from switchboard.training.trainer import train
 
 from .engine import make_prompts

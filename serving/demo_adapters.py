@@ -15,15 +15,14 @@ from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConf
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION
 
 
 def demo_configs() -> dict[str, PeftConfig]:
     """One adapter per kind, as `make serve` registers them (name -> PEFT config)."""
     return {
-        "demo-lora": LoraConfig(r=16, lora_alpha=32, target_modules=ALL_LINEAR, init_lora_weights=False),
-        "demo-krona": LoKrConfig(r=8, alpha=8, target_modules=ATTENTION, init_weights=False),
+        "demo-lora": LoraConfig(r=16, lora_alpha=32, target_modules=list(ALL_LINEAR), init_lora_weights=False),
+        "demo-krona": LoKrConfig(r=8, alpha=8, target_modules=list(ATTENTION), init_weights=False),
         "demo-ia3": IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
         ),

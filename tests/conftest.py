@@ -38,8 +38,9 @@ import torch
 from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from switchboard.adapters_store.kinds.base import ALL_LINEAR
 from switchboard.serving.demo import build_demo_model, tiny_spec
-from switchboard.serving.demo_adapters import ALL_LINEAR, seed_adapter_weights
+from switchboard.serving.demo_adapters import seed_adapter_weights
 
 REPO = Path(__file__).resolve().parents[1]
 HOME_CACHE = Path.home() / ".cache"
@@ -114,9 +115,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def peft_configs() -> dict[str, tuple[PeftConfig, int]]:
     """name -> (config, seed). Eight adapters over the four kinds."""
     return {
-        "lora": (LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False), 1),
+        "lora": (LoraConfig(r=8, lora_alpha=16, target_modules=list(ALL_LINEAR), init_lora_weights=False), 1),
         "lora-rslora": (
-            LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, use_rslora=True, init_lora_weights=False),
+            LoraConfig(r=4, lora_alpha=8, target_modules=list(ALL_LINEAR), use_rslora=True, init_lora_weights=False),
             2,
         ),
         "lokr-full": (

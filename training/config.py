@@ -7,6 +7,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
+from switchboard.adapters_store.kinds.base import ALL_LINEAR
+
 
 class TrainKind(StrEnum):
     LORA = "lora"
@@ -16,7 +18,6 @@ class TrainKind(StrEnum):
     FULL = "full"  # full fine-tuning: the benchmark's reference row, never saved as an adapter
 
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Per-kind default targets: LoRA on every linear (QLoRA's recipe), KronA on attention (as the S2 benchmark fork),
 # (IA)3 on k, v and the feed-forward down projection (T-Few), whose input it scales.
 DEFAULT_TARGETS: dict[TrainKind, tuple[str, ...]] = {

@@ -12,7 +12,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import ALL_LINEAR, TrainConfig, TrainKind
+from switchboard.adapters_store.kinds.base import ALL_LINEAR
+
+from .config import TrainConfig, TrainKind
 from .data import read_rows, split
 from .greedy import greedy_tokens
 from .trainer import LOG_FILE, summary, train

@@ -45,6 +45,8 @@ TARGET_MODULES: dict[str, str] = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
+ALL_LINEAR: tuple[str, ...] = tuple(TARGET_MODULES)  # every projection, in the block's order
+ATTENTION: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 # PEFT saves a causal LM's adapter tensors as `base_model.model.` + the base model's own parameter name.
 KEY_PREFIX = "base_model.model."
 _MODULE_KEY = re.compile(r"model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.([a-z_]+)\.(.+)")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.training.config import ALL_LINEAR, TrainConfig
+from switchboard.adapters_store.kinds.base import ALL_LINEAR
+from switchboard.training.config import TrainConfig
 from switchboard.training.tasks import persona
 from switchboard.training.trainer import TrainResult, train
 
