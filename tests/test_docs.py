@@ -1,0 +1,28 @@
+"""The README and docs/ link only to files that exist, and the README stays a page for users (about 150 lines)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = []
+    for doc in DOCS:
+        for target, _ in LINK.findall(doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken
+
+
+def test_every_doc_is_linked_from_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert [d.name for d in DOCS[1:] if f"(docs/{d.name})" not in readme] == []
+
+
+def test_the_readme_fits_about_150_lines() -> None:
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 180
