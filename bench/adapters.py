@@ -28,27 +28,18 @@ from pathlib import Path
 
 import httpx
 import torch
-from safetensors.torch import save
 from tqdm import tqdm
 
+from switchboard.adapters_store import synthetic
 from switchboard.adapters_store.kinds import BaseModelShape
-from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION, CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE
+from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION, WEIGHTS_FILE
 from switchboard.adapters_store.store import AdapterInfo, AdapterStore
 from switchboard.serving.config import ServeConfig
 
 
 def lora_files(base: BaseModelShape, rank: int, modules: tuple[str, ...], seed: int, dtype: torch.dtype) -> dict:
-    """A PEFT-format LoRA (random, seeded) as the two files' bytes."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(base.num_layers):
-        for module in modules:
-            out, inp = base.module_shape(module)
-            key = f"base_model.model.model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, inp, generator=g) / inp**0.5).to(dtype)
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(out, rank, generator=g) / rank).to(dtype)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(modules)}
-    return {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: save(tensors)}
+    """A seeded LoRA's two files (alpha = r, B of scale 1/r)."""
+    return synthetic.lora_files(base, rank=rank, modules=modules, seed=seed, alpha=rank, b_scale=1 / rank, dtype=dtype)
 
 
 def fill_store(root: Path, base: BaseModelShape, n: int, rank: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Generate N seeded LoRA adapters for a base checkpoint (PEFT format) and upload them with `POST /v1/adapters`.
 
 The adapters target q, k, v, o at rank r with small random values: a load test measures cost, not quality. Shapes
-come from the checkpoint's config.json, so no model weights are read.
+come from the checkpoint's config.json, so no model weights are read (`switchboard.adapters_store.synthetic`).
 """
 
 from __future__ import annotations
@@ -11,54 +11,18 @@ import json
 from pathlib import Path
 
 import httpx
-import torch
-from safetensors.torch import save
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+from switchboard.adapters_store import synthetic
+from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE, BaseModelShape
+
 OCTET = "application/octet-stream"
 
 
-def lora_shapes(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """target -> (in_features, out_features) of a Llama-family attention projection."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    hidden = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or hidden // heads
-    kv = cfg.get("num_key_value_heads") or heads
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv * head_dim),
-        "v_proj": (hidden, kv * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "_layers": (cfg["num_hidden_layers"], 0),
-    }
-
-
 def lora_files(model_dir: Path, rank: int, seed: int) -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of one seeded LoRA adapter."""
-    shapes = lora_shapes(model_dir)
-    layers = shapes.pop("_layers")[0]
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(layers):
-        for target, (fan_in, fan_out) in shapes.items():
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": rank,
-        "lora_alpha": 2 * rank,
-        "target_modules": list(TARGETS),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "base_model_name_or_path": str(model_dir),
-    }
-    return json.dumps(config).encode(), save(tensors)
+    """(adapter_config.json, adapter_model.safetensors) of one seeded LoRA adapter on q, k, v and o."""
+    base = BaseModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    files = synthetic.lora_files(base, rank=rank, seed=seed)
+    return files[CONFIG_FILE], files[WEIGHTS_FILE]
 
 
 def upload_adapters(

@@ -11,39 +11,32 @@ import httpx
 import torch
 from safetensors.torch import load_file, save
 
+from switchboard.adapters_store import synthetic
 from switchboard.adapters_store.kinds import BaseModelShape
-from switchboard.adapters_store.kinds.base import CONFIG_FILE, TARGET_MODULES, WEIGHTS_FILE
-
-Files = dict[str, bytes]
+from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
+from switchboard.adapters_store.synthetic import Files
 
 
 def base_shape(model_dir: Path) -> BaseModelShape:
     return BaseModelShape.from_hf_config(json.loads((model_dir / "config.json").read_text()))
 
 
+QV = ("q_proj", "v_proj")
+
+
 def lora_tensors(
-    base: BaseModelShape, *, rank: int = 2, seed: int = 0, modules: tuple[str, ...] = ("q_proj", "v_proj")
+    base: BaseModelShape, *, rank: int = 2, seed: int = 0, modules: tuple[str, ...] = QV
 ) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(base.num_layers):
-        for module in modules:
-            out, inp = base.module_shape(module)
-            key = f"base_model.model.model.layers.{layer}.{TARGET_MODULES[module]}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.5
-    return tensors
+    """The store tests' LoRA tensors (q and v, rank 2, A and B of scale 0.5): `synthetic.lora_tensors`."""
+    return synthetic.lora_tensors(base, rank=rank, modules=modules, seed=seed, a_scale=0.5, b_scale=0.5)
 
 
-def lora_config(rank: int = 2, modules: tuple[str, ...] = ("q_proj", "v_proj"), **extra: object) -> dict[str, object]:
-    return {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules), **extra}
+def lora_config(rank: int = 2, modules: tuple[str, ...] = QV, **extra: object) -> dict[str, object]:
+    return synthetic.lora_config(rank, modules, **extra)
 
 
 def lora_files(base: BaseModelShape, *, rank: int = 2, seed: int = 0) -> Files:
-    return {
-        CONFIG_FILE: json.dumps(lora_config(rank)).encode(),
-        WEIGHTS_FILE: save(lora_tensors(base, rank=rank, seed=seed)),
-    }
+    return synthetic.lora_files(base, rank=rank, modules=QV, seed=seed, a_scale=0.5, b_scale=0.5)
 
 
 def dir_files(path: Path) -> Files:
