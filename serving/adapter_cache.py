@@ -197,7 +197,8 @@ class AdapterSlots:
         return self.adapters[name].kind
 
     def acquire(self, name: str) -> int | None:
-        """Make `name` resident and take a reference; its slot, or None when every slot is held."""
+        """Make `name` resident and take a reference; its slot, or None when every slot is held. Raises what loading
+        raised, leaving `name` not resident."""
         pool = self.pools[self.kind(name)]
         slot = pool.lookup(name)
         if slot is not None:
@@ -211,7 +212,12 @@ class AdapterSlots:
                 self.num_evictions += 1
                 self.prefix_kv.pop(evicted, None)
                 self.on_evict(evicted)
-            self._load(self.adapters[name], slot)
+            try:
+                self._load(self.adapters[name], slot)
+            except BaseException:  # a half-loaded slot must not be found resident by the next request
+                pool.resident.pop(name, None)
+                self.prefix_kv.pop(name, None)
+                raise
         pool.refs[name] = pool.refs.get(name, 0) + 1
         return slot
 

@@ -211,20 +211,12 @@ class LLMEngine:
             slot = self.adapter_slots.acquire(seq.adapter_id)
         except Exception as exc:  # this adapter cannot be loaded: its sequence fails after `schedule`, not the step
             log.exception("loading adapter %s into a device slot failed", seq.adapter_id)
-            self._evict_broken(seq.adapter_id)
             self._failed_admissions.append((seq, f"internal error loading adapter {seq.adapter_id!r}: {exc}"))
             return False
         if slot is None:
             return False  # every slot of its kind is held by running sequences: wait
         seq.adapter_slot = slot
         return True
-
-    def _evict_broken(self, name: str) -> None:
-        """A slot half loaded by a failed `acquire` must not be found resident by the next request."""
-        pool = self.adapter_slots.pools[self.adapter_slots.kind(name)]
-        if not pool.refs.get(name, 0):
-            pool.resident.pop(name, None)
-            self.adapter_slots.prefix_kv.pop(name, None)
 
     def _release_adapter(self, seq: Sequence) -> None:
         if seq.adapter_kind is not None and seq.adapter_slot >= 0:
