@@ -40,7 +40,7 @@ class ServeConfig:
     # step, which measured 5-25% slower end to end at twice the cache bytes saved), the model's dtype elsewhere.
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_kv_blocks: int | None = None  # overrides kv_cache_gb (tests use tiny pools to force preemption)
-    # Adapters (filled in by the adapter issues)
+    # Adapters
     adapters: dict[str, Path] = field(default_factory=dict)
     merge_adapter: str | None = None
     max_resident_adapters: int = 32
@@ -58,8 +58,6 @@ class ServeConfig:
     api_keys: Path | None = None
     # /metrics series labelled with adapter ids (which name tenants' adapters); off: usage as base/other only
     metrics_per_adapter: bool = False
-    backend: Literal["native", "vllm"] = "native"
-    seed: int = 0
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
 
     def __post_init__(self) -> None:

@@ -1,7 +1,7 @@
 """Demo adapters of every kind, built with PEFT on a base checkpoint, seeded and non-zero (so they visibly act).
 
-`make serve` registers them; the tests build the same kinds on the tiny checkpoint. Trained adapters arrive with
-the training issue; these only exercise the serving path.
+`make serve` registers them where no trained demo adapters exist (`make demo-adapters`); the tests build the same
+kinds on the tiny checkpoint. Their output is noise: they exercise the serving path.
 """
 
 from __future__ import annotations

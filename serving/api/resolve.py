@@ -1,7 +1,7 @@
 """Which model a request means: the base model or an adapter (`model` and `adapter_id`), and the `/v1/models` list.
 
-`AdapterLookup` answers whether an adapter id exists for the caller (the engine's registered adapters; tenants
-arrive with the adapter-store issue). With `--merge-adapter`, the base model itself is not served.
+`AdapterLookup` answers whether an adapter id exists for the caller (the start-up adapters and the tenant's own and
+public ones in the store). With `--merge-adapter`, the base model itself is not served.
 """
 
 from __future__ import annotations

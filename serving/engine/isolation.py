@@ -1,4 +1,4 @@
-"""Failure isolation inside a step: whatever one sequence's stage raises ends that sequence alone (issue 14).
+"""Failure isolation inside a step: whatever one sequence's stage raises ends that sequence alone.
 
 `fail(seq, message)` (the engine's) ends one sequence with FinishReason.ERROR and frees what it holds. `guard` runs
 one sequence's stage (prefix write, detokenize, stop strings); `forward` and `sample` run a batched stage and, when

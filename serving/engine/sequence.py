@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -13,8 +12,6 @@ from switchboard.adapters_store.kinds import AdapterKind
 
 from .detokenizer import IncrementalDetokenizer
 from .request import FinishReason, SamplingParams, TokenLogprob
-
-_seq_ids = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -37,17 +34,14 @@ class Sequence:
     prefix_written: bool = False  # the prefix keys and values are in this sequence's blocks
     generator: torch.Generator | None = None
     tenant: str = ""  # fair admission takes turns over tenants
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache (prefix positions not counted)
     finish_reason: FinishReason | None = None
     error: str | None = None  # why it failed, with finish_reason ERROR
     # Output not yet handed to the caller
-    pending_text: str = ""
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
