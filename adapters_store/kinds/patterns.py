@@ -136,6 +136,26 @@ class ConfigPatterns:
             raise AdapterError(f"{field} gives {key} the value {value!r}; expected a finite number", CONFIG_FILE)
         return float(value)
 
+    def layer_index(self, key: str) -> int | None:
+        """The layer index PEFT reads from module `key` for `layers_to_transform`: by `layers_pattern` if set, else
+        the first number after a name (for `model.layers.{i}.` that is i); None when no pattern finds one."""
+        layers_pattern = self.config.get("layers_pattern")
+        if not layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)  # PEFT's default; a fixed pattern, linear here
+            return int(match["idx"]) if match else None
+        given = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        if not _is_names(given):
+            raise AdapterError(f"layers_pattern must be a string or a list of them, got {_shown(given)}", CONFIG_FILE)
+        compiled_patterns = self._field("layers_pattern", given, LAYER_TEMPLATE)
+        started = time.monotonic()
+        for compiled in compiled_patterns:
+            match = compiled.regex.match(key)
+            started = self._charge("layers_pattern", started)
+            if match is not None:
+                index = match.group(compiled.idx_group)
+                return None if index is None else int(index)
+        return None
+
     def _field(self, field: str, patterns: list[str], template: str) -> list[CompiledPattern]:
         if field not in self._compiled:
             if len(patterns) > MAX_PATTERNS:

@@ -15,7 +15,7 @@ from switchboard.adapters_store.kinds.base import (
 )
 from switchboard.adapters_store.kinds.patterns import ConfigPatterns
 
-ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
+ALL_LINEAR = "all-linear"  # PEFT's shorthand (compared ignoring case) for every linear layer but the output head
 
 
 def check_targets(patterns: ConfigPatterns, found: set[tuple[int, str]], base: BaseModelShape) -> None:
@@ -26,7 +26,13 @@ def check_targets(patterns: ConfigPatterns, found: set[tuple[int, str]], base: B
     targeted = targeted_modules(patterns, base)
     if targeted is None:
         return
-    selection = f"target_modules {patterns.config['target_modules']!r}"
+    targets = patterns.config["target_modules"]
+    layers = layers_to_transform(patterns.config, targets)
+    selection = f"target_modules {targets!r}"
+    if layers is not None:
+        selection += f" in layers {layers}"
+        if patterns.config.get("layers_pattern"):
+            selection += f" (found by layers_pattern {patterns.config['layers_pattern']!r})"
     for layer, module in sorted(found - targeted):
         raise AdapterError(
             f"holds tensors for {module_key(layer, module)}, which {selection} does not target (PEFT would ignore "
@@ -42,8 +48,8 @@ def check_targets(patterns: ConfigPatterns, found: set[tuple[int, str]], base: B
 
 
 def targeted_modules(patterns: ConfigPatterns, base: BaseModelShape) -> set[tuple[int, str]] | None:
-    """The (layer, module) pairs PEFT adapts under the config's `target_modules`, `exclude_modules` and
-    `layers_to_transform`, or None without `target_modules`."""
+    """The (layer, module) pairs PEFT adapts under the config's `target_modules`, `exclude_modules`,
+    `layers_to_transform` and `layers_pattern`, or None without `target_modules`."""
     targets = patterns.names_or_regex("target_modules")
     if targets is None:
         return None
@@ -66,22 +72,33 @@ def targeted_modules(patterns: ConfigPatterns, base: BaseModelShape) -> set[tupl
             continue
         if not (is_all_linear(targets) or matches(patterns, "target_modules", targets, key)):
             continue
-        if layers is None or layer in layers:
+        if layers is None or patterns.layer_index(key) in layers:
             targeted.add((layer, module))
     return targeted
 
 
 def layers_to_transform(config: dict[str, Any], targets: str | list[str]) -> list[int] | None:
-    """The layer indices `layers_to_transform` keeps, or None for every layer."""
-    layers = config.get("layers_to_transform")
+    """The layer indices `layers_to_transform` keeps, or None for every layer. PEFT reads it (and `layers_pattern`)
+    only with a list of target names: `LoraConfig` refuses either beside a string `target_modules` (other kinds
+    ignore them there; we refuse), and refuses `layers_pattern` without `layers_to_transform`; an empty list keeps
+    every layer."""
+    layers, layers_pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if isinstance(targets, str) and (layers is not None or layers_pattern is not None):
+        raise AdapterError(
+            f"layers_to_transform={layers!r} and layers_pattern={layers_pattern!r} need a list of target_modules, "
+            f"not the string {targets!r} (PEFT's LoraConfig refuses them beside one)",
+            CONFIG_FILE,
+        )
+    if layers_pattern and layers is None:
+        raise AdapterError("layers_pattern needs layers_to_transform (PEFT refuses it alone)", CONFIG_FILE)
     layers = [layers] if isinstance(layers, int) else layers
     if not (layers is None or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))):
         raise AdapterError(f"layers_to_transform must be an integer or a list of them, got {layers!r}", CONFIG_FILE)
-    return layers
+    return layers or None
 
 
 def is_all_linear(targets: str | list[str]) -> bool:
-    return targets == ALL_LINEAR
+    return isinstance(targets, str) and targets.lower() == ALL_LINEAR
 
 
 def matches(patterns: ConfigPatterns, field: str, spec: str | list[str], key: str) -> bool:

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 from peft import IA3Config, LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key, match_target_against_key
 from transformers import LlamaForCausalLM
 
 from switchboard.adapters_store.kinds import AdapterError, BaseModelShape, LoraAdapter, load_adapter
 from switchboard.adapters_store.kinds import patterns as patterns_module
+from switchboard.adapters_store.kinds.base import TARGET_MODULES, module_key
 from switchboard.adapters_store.kinds.patterns import MAX_PATTERN_CHARS, MAX_PATTERNS, ConfigPatterns
+from switchboard.adapters_store.kinds.targets import targeted_modules
 
 CONFIG = "adapter_config.json"
 # The issue's upload: Python's engine backtracks over every way to split the name between the two `+`, about 6 s for
@@ -229,3 +232,53 @@ def test_matching_past_the_budget_is_refused(
     monkeypatch.setattr(patterns_module, "PATTERN_BUDGET_S", 0.0)
     with pytest.raises(AdapterError, match=f"{CONFIG}: compiling and matching rank_pattern .* took 0 s or more"):
         load_adapter(lora_dir, base_shape)
+
+
+# layers_pattern values as PEFT embeds them in `(?:^|.*?\.)p\.(?P<idx>\d+)\.`, including alternation that leaves `idx`
+# unset, patterns that find no index, and PEFT's empty forms (the default rule).
+LAYER_PATTERNS: list[str | list[str] | None] = [
+    None,
+    "",
+    [],
+    "layers",
+    ["layers"],
+    "h",
+    ["h", "layers"],
+    "lay.rs",
+    "layers|h",
+    "h|layers",
+    "model|layers",
+    r"model\.layers",
+    "model",
+    r"(?:model\.)?layers",
+    r"layers\.1",
+    r"\w+",
+    ".*",
+    "(?i:LAYERS)",
+]
+
+
+@pytest.mark.parametrize("layers", [[1], [0, 11], 1, [3, 10, 11], []])
+def test_layers_pattern_selects_the_layers_peft_selects(layers: int | list[int]) -> None:
+    """PEFT's own check_target_module_exists is the oracle, on a 12-layer base so that indices have two digits."""
+    base = BaseModelShape(
+        num_layers=12, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    for layers_pattern in LAYER_PATTERNS:
+        config = {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": layers}
+        config["layers_pattern"] = layers_pattern
+        peft_config = LoraConfig(**config)
+        theirs = {
+            (layer, module)
+            for layer in range(base.num_layers)
+            for module in TARGET_MODULES
+            if check_target_module_exists(peft_config, module_key(layer, module))
+        }
+        assert targeted_modules(ConfigPatterns(config), base) == theirs, layers_pattern
+
+
+def test_a_layers_pattern_re2_cannot_run_is_refused(lora_dir: Path, edited, base_shape: BaseModelShape) -> None:
+    backreference = r"(lay)\1ers"
+    path = edited(lora_dir, layers_to_transform=[0, 1], layers_pattern=backreference)
+    with pytest.raises(AdapterError, match=re.escape(f"{CONFIG}: layers_pattern pattern {backreference!r}")):
+        load_adapter(path, base_shape)
