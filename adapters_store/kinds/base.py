@@ -358,97 +358,11 @@ def config_bool(config: dict[str, Any], field: str, *, default: bool = False) ->
     return value
 
 
-def _names_module(spec: str | list[str], key: str) -> bool:
-    """PEFT's match of `target_modules` / `exclude_modules` against a module name: a string is a regex that must
-    match the whole name, a list holds names that equal it or end it after a dot."""
-    if isinstance(spec, str):
-        return re.fullmatch(spec, key) is not None
-    return any(key == item or key.endswith(f".{item}") for item in spec)
-
-
-def check_targets(config: dict[str, Any], found: set[tuple[int, str]], base: BaseModelShape) -> None:
-    """The modules the file holds tensors for (`found`) must be exactly those PEFT would adapt under the config's
-    `target_modules`, `exclude_modules` and `layers_to_transform`: PEFT ignores tensors of untargeted modules and
-    gives targeted modules without tensors a fresh initialisation, so either way it would serve something else.
-    A config without `target_modules` is not checked (PEFT falls back to its per-architecture default)."""
-    targets = config.get("target_modules")
-    if targets is None:
-        return
-    specs = {field: config.get(field) for field in ("target_modules", "exclude_modules")}
-    for field, spec in specs.items():
-        if not (
-            spec is None or isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(s, str) for s in spec))
-        ):
-            raise AdapterError(f"{field} must be a list of names or a regex, got {spec!r}", CONFIG_FILE)
-    layers = config.get("layers_to_transform")
-    layers = [layers] if isinstance(layers, int) else layers
-    if not (layers is None or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))):
-        raise AdapterError(f"layers_to_transform must be an integer or a list of them, got {layers!r}", CONFIG_FILE)
-    candidates = [(layer, module) for layer in range(base.num_layers) for module in TARGET_MODULES]
-    try:
-        if isinstance(targets, list):
-            unknown = [t for t in targets if not any(_names_module([t], module_key(*c)) for c in candidates)]
-            if unknown:
-                raise AdapterError(
-                    f"target_modules names {unknown[0]!r}, which is not a projection of this base model; supported: "
-                    + ", ".join(TARGET_MODULES),
-                    CONFIG_FILE,
-                )
-        targeted = {
-            (layer, module)
-            for layer, module in candidates
-            if (targets == "all-linear" or _names_module(targets, module_key(layer, module)))
-            and not (specs["exclude_modules"] and _names_module(specs["exclude_modules"], module_key(layer, module)))
-            and (layers is None or layer in layers)
-        }
-    except re.error as exc:
-        raise AdapterError(f"target_modules or exclude_modules is not a valid regex ({exc})", CONFIG_FILE) from exc
-    for layer, module in sorted(found - targeted):
-        raise AdapterError(
-            f"holds tensors for {module_key(layer, module)}, which target_modules {targets!r} does not target "
-            "(PEFT would ignore them)",
-            WEIGHTS_FILE,
-        )
-    for layer, module in sorted(targeted - found):
-        raise AdapterError(
-            f"target_modules {targets!r} targets {module_key(layer, module)}, but {WEIGHTS_FILE} holds no tensors for "
-            "it (PEFT would initialise it afresh)",
-            CONFIG_FILE,
-        )
-
-
 def refuse_options(config: dict[str, Any], reasons: dict[str, str]) -> None:
     """Refuse every option in `reasons` (field -> why) that the config sets to anything but null, false or empty."""
     for field, reason in reasons.items():
         if config.get(field):
             raise AdapterError(f"{field}={config[field]!r} is not supported: {reason}", CONFIG_FILE)
-
-
-def pattern_value(config: dict[str, Any], field: str, key: str, default: Any) -> Any:
-    """PEFT's `rank_pattern` / `alpha_pattern` lookup for module `key`: the value of the first pattern `p` with
-    `re.match(rf"(.*\\.)?({p})$", key)`, else `default` (peft.utils.other.get_pattern_key)."""
-    patterns = config.get(field)
-    if patterns is None:
-        return default
-    if not isinstance(patterns, dict):
-        raise AdapterError(f"{field} must be an object, got {type(patterns).__name__}", CONFIG_FILE)
-    for pattern, value in patterns.items():
-        try:
-            found = re.match(rf"(.*\.)?({pattern})$", key)
-        except re.error as exc:
-            problem = f"{field} key {pattern!r} is not a valid regular expression ({exc})"
-            raise AdapterError(problem, CONFIG_FILE) from exc
-        if found:
-            return value
-    return default
-
-
-def pattern_number(config: dict[str, Any], field: str, key: str, default: float) -> float:
-    """`pattern_value` for a scale such as alpha: a finite number."""
-    value = pattern_value(config, field, key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise AdapterError(f"{field} gives {key} the value {value!r}; expected a finite number", CONFIG_FILE)
-    return float(value)
 
 
 def merge_additive(adapter: Adapter, weight: torch.Tensor, layer: int, module: str, sign: float) -> torch.Tensor:

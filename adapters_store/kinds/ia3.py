@@ -4,7 +4,8 @@ PEFT directory semantics (peft 0.21 `tuners/ia3/layer.py`):
 - one tensor `...{module}.ia3_l` per target: [out, 1] for output-scaled targets (`y = (x W^T) * l`), [1, in] for
   feed-forward targets (`y = (x * l) W^T`);
 - a target is feed-forward when `feedforward_modules` (a list: `module_key.endswith(item)`; a string:
-  `re.fullmatch(it, module_key)`) matches its name `model.layers.{i}.mlp.down_proj`;
+  `re.fullmatch(it, module_key)`, matched in linear time by `patterns.ConfigPatterns`) matches its name
+  `model.layers.{i}.mlp.down_proj`;
 - merge is `W * ia3_l` with broadcasting: rows of W (and the bias) for output scaling, columns for input scaling;
   PEFT's unmerge divides by `ia3_l + 1e-8` and warns it is inexact. Our unmerge divides exactly and refuses a
   vector with a zero component.
@@ -14,7 +15,6 @@ stored shape decides; with it, the shape must agree.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,18 +22,18 @@ from typing import Any, Literal
 import torch
 
 from switchboard.adapters_store.kinds.base import (
-    CONFIG_FILE,
     WEIGHTS_FILE,
     AdapterError,
     AdapterKind,
     BaseModelShape,
     check_served,
-    check_targets,
     group_keys,
     module_key,
     open_weights,
     refuse_options,
 )
+from switchboard.adapters_store.kinds.patterns import ConfigPatterns
+from switchboard.adapters_store.kinds.targets import check_targets
 
 Side = Literal["input", "output"]
 LEAVES = ("ia3_l",)
@@ -57,21 +57,18 @@ class IA3Adapter:
     @classmethod
     def load(cls, path: Path, config: dict[str, Any], base: BaseModelShape, name: str) -> IA3Adapter:
         refuse_options(config, REFUSED_OPTIONS)
-        feedforward = config.get("feedforward_modules")
-        names = isinstance(feedforward, list) and all(isinstance(item, str) for item in feedforward)
-        if not (feedforward is None or isinstance(feedforward, str) or names):
-            problem = f"feedforward_modules must be a list of names or a regex, got {feedforward!r}"
-            raise AdapterError(problem, CONFIG_FILE)
+        patterns = ConfigPatterns(config)
+        patterns.names_or_regex("feedforward_modules")
         vectors: dict[tuple[int, str], tuple[torch.Tensor, Side]] = {}
         with open_weights(path / WEIGHTS_FILE) as file:
             sides: dict[tuple[int, str], tuple[str, Side]] = {}
             groups = group_keys(file, base, LEAVES)
-            check_targets(config, set(groups), base)
+            check_targets(patterns, set(groups), base)
             for (layer, module), keys in groups.items():
                 key = keys["ia3_l"]
                 out_features, in_features = base.module_shape(module)
                 shapes: dict[Side, tuple[int, ...]] = {"output": (out_features, 1), "input": (1, in_features)}
-                side = feedforward_side(feedforward, module_key(layer, module))
+                side = feedforward_side(patterns, module_key(layer, module))
                 stored = file.shapes[key]
                 if side is None:  # no feedforward_modules in the config: the stored shape decides
                     side = next((s for s, shape in shapes.items() if stored == shape), None)
@@ -138,16 +135,13 @@ class IA3Adapter:
         return vector[:, None] if side == "output" else vector[None, :]
 
 
-def feedforward_side(feedforward: str | list[str] | None, key: str) -> Side | None:
+def feedforward_side(patterns: ConfigPatterns, key: str) -> Side | None:
     """PEFT's `IA3Model._check_target_module_feedforward`, or None when the config does not say."""
+    feedforward = patterns.names_or_regex("feedforward_modules")
     if feedforward is None:
         return None
     if isinstance(feedforward, str):
-        try:
-            is_feedforward = re.fullmatch(feedforward, key) is not None
-        except re.error as exc:
-            problem = f"feedforward_modules {feedforward!r} is not a valid regex ({exc})"
-            raise AdapterError(problem, CONFIG_FILE) from exc
+        is_feedforward = patterns.fullmatch("feedforward_modules", key)
     else:
         is_feedforward = any(key.endswith(item) for item in feedforward)
     return "input" if is_feedforward else "output"

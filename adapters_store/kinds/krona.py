@@ -32,7 +32,6 @@ from switchboard.adapters_store.kinds.base import (
     WeightsFile,
     check_served,
     check_shape,
-    check_targets,
     config_int,
     config_number,
     group_keys,
@@ -40,10 +39,10 @@ from switchboard.adapters_store.kinds.base import (
     merge_additive,
     module_key,
     open_weights,
-    pattern_number,
-    pattern_value,
     refuse_options,
 )
+from switchboard.adapters_store.kinds.patterns import ConfigPatterns
+from switchboard.adapters_store.kinds.targets import check_targets
 
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 REFUSED_TENSORS = {"lokr_t2": "the Tucker core lokr_t2 (use_effective_conv2d) is for convolutions only"}
@@ -81,14 +80,15 @@ class KronaAdapter:
         refuse_options(config, REFUSED_OPTIONS)
         default_r = config_int(config, "r", default=8)
         default_alpha = config_number(config, "alpha", default=8)
+        patterns = ConfigPatterns(config)
         factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         num_parameters, rank = 0, 0
         with open_weights(path / WEIGHTS_FILE) as file:
             groups = group_keys(file, base, LEAVES, REFUSED_TENSORS)
-            check_targets(config, set(groups), base)
+            check_targets(patterns, set(groups), base)
             layouts: dict[tuple[int, str], tuple[FactorLayout, FactorLayout, int]] = {}
             for (layer, module), keys in groups.items():  # validate every header entry before loading anything
-                r = pattern_value(config, "rank_pattern", module_key(layer, module), default_r)
+                r = patterns.value("rank_pattern", module_key(layer, module), default_r)
                 if not isinstance(r, int) or isinstance(r, bool) or r < 1:
                     raise AdapterError(f"rank for {module_key(layer, module)} is {r!r}", CONFIG_FILE)
                 w1 = factor_layout(file, keys, "lokr_w1", r)
@@ -102,7 +102,7 @@ class KronaAdapter:
                 layouts[(layer, module)] = (w1, w2, r)
                 rank = max(rank, min(w1.rank_bound * w2.rank_bound, out_features, in_features))
             for (layer, module), (w1_layout, w2_layout, r) in layouts.items():
-                alpha = pattern_number(config, "alpha_pattern", module_key(layer, module), default_alpha)
+                alpha = patterns.number("alpha_pattern", module_key(layer, module), default_alpha)
                 scale = alpha / r
                 w1 = check_served(load_factor(file, w1_layout) * scale, f"{w1_layout.name} times the scale {scale:.4g}")
                 w2 = check_served(load_factor(file, w2_layout), w2_layout.name)

@@ -4,7 +4,7 @@ PEFT directory semantics (peft 0.21 `tuners/lora`):
 - tensors `...{module}.lora_A.weight` [r, in] and `...{module}.lora_B.weight` [out, r];
 - `s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `r` and `lora_alpha` per module come from
   `rank_pattern` / `alpha_pattern` (first regex `p` with `re.match(rf"(.*\\.)?({p})$", "model.layers.{i}.self_attn.
-  q_proj")`), else from `r` / `lora_alpha`;
+  q_proj")`, matched in linear time by `patterns.ConfigPatterns`), else from `r` / `lora_alpha`;
 - `get_delta_weight` = `(B @ A) * s` (no transpose for nn.Linear).
 We fold `s` into B once at load: `weights[(layer, module)] = (A [r, in], s * B [out, r])`, float32 on the CPU.
 """
@@ -26,7 +26,6 @@ from switchboard.adapters_store.kinds.base import (
     BaseModelShape,
     check_served,
     check_shape,
-    check_targets,
     config_bool,
     config_int,
     config_number,
@@ -35,10 +34,10 @@ from switchboard.adapters_store.kinds.base import (
     merge_additive,
     module_key,
     open_weights,
-    pattern_number,
-    pattern_value,
     refuse_options,
 )
+from switchboard.adapters_store.kinds.patterns import ConfigPatterns
+from switchboard.adapters_store.kinds.targets import check_targets
 
 LEAVES = ("lora_A.weight", "lora_B.weight")
 REFUSED_TENSORS = {
@@ -82,10 +81,11 @@ class LoraAdapter:
         use_rslora = config_bool(config, "use_rslora")
         default_r = config_int(config, "r", default=8)
         default_alpha = config_number(config, "lora_alpha", default=8)
+        patterns = ConfigPatterns(config)
         weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         with open_weights(path / WEIGHTS_FILE) as file:
             groups = group_keys(file, base, LEAVES, REFUSED_TENSORS)
-            check_targets(config, set(groups), base)
+            check_targets(patterns, set(groups), base)
             ranks: dict[tuple[int, str], int] = {}
             for (layer, module), keys in groups.items():  # validate every header entry before loading anything
                 missing = [leaf for leaf in LEAVES if leaf not in keys]
@@ -97,13 +97,13 @@ class LoraAdapter:
                 rank = matrix_shape(file, a_key)[0]
                 check_shape(file, a_key, (rank, in_features))
                 check_shape(file, b_key, (out_features, rank))
-                expected = pattern_value(config, "rank_pattern", module_key(layer, module), default_r)
+                expected = patterns.value("rank_pattern", module_key(layer, module), default_r)
                 if rank != expected:
                     raise file.error(f"{a_key!r} has rank {rank}, but {CONFIG_FILE} gives r={expected!r}")
                 ranks[(layer, module)] = rank
             for (layer, module), keys in groups.items():
                 rank = ranks[(layer, module)]
-                alpha = pattern_number(config, "alpha_pattern", module_key(layer, module), default_alpha)
+                alpha = patterns.number("alpha_pattern", module_key(layer, module), default_alpha)
                 scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
                 a = check_served(file.tensor(keys["lora_A.weight"]), f"tensor {keys['lora_A.weight']!r}")
                 b_key = keys["lora_B.weight"]

@@ -77,7 +77,8 @@ def test_lora_matches_peft(make_peft, base_shape: BaseModelShape, use_rslora: bo
     check_against_peft(adapter, model, additive=True)
 
 
-def test_lora_rank_and_alpha_patterns(make_peft, base_shape: BaseModelShape) -> None:
+@pytest.mark.parametrize("layers_pattern", [None, "layers"])
+def test_lora_rank_and_alpha_patterns(make_peft, base_shape: BaseModelShape, layers_pattern: str | None) -> None:
     config = LoraConfig(
         r=4,
         lora_alpha=8,
@@ -85,9 +86,10 @@ def test_lora_rank_and_alpha_patterns(make_peft, base_shape: BaseModelShape) -> 
         rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
         alpha_pattern={"v_proj": 3},
         layers_to_transform=[1],
+        layers_pattern=layers_pattern,
         init_lora_weights=False,
     )
-    model, path = make_peft(config, "lora-patterns")
+    model, path = make_peft(config, f"lora-patterns-{layers_pattern}")
     adapter = load_adapter(path, base_shape)
     assert adapter.modules() == [(1, "down_proj"), (1, "q_proj"), (1, "v_proj")]
     assert adapter.rank == 6 and adapter.weights[(1, "q_proj")][0].shape == (2, 64)

@@ -196,6 +196,11 @@ def test_prefix_must_match_kv_heads(make_peft, base_shape: BaseModelShape) -> No
         ({"layers_to_transform": [1]}, WEIGHTS, "tensors for model.layers.0.self_attn.q_proj"),
         ({"exclude_modules": ["layers.1.self_attn.v_proj"]}, WEIGHTS, "tensors for model.layers.1.self_attn.v_proj"),
         ({"target_modules": 3}, CONFIG, "target_modules must be"),
+        ({"target_modules": "ALL-LINEAR"}, CONFIG, "targets model.layers.0.mlp.down_proj"),
+        ({"layers_to_transform": [0, 1], "layers_pattern": "h"}, WEIGHTS, "(found by layers_pattern 'h') does not"),
+        ({"layers_to_transform": [0, 1], "layers_pattern": "layers|h"}, WEIGHTS, "tensors for model.layers.0"),
+        ({"target_modules": ".*\\.(q|v)_proj", "layers_to_transform": [0, 1]}, CONFIG, "need a list of target_mod"),
+        ({"layers_pattern": "layers"}, CONFIG, "layers_pattern needs layers_to_transform"),
     ],
 )
 def test_target_modules_must_cover_the_tensors_exactly(broken, base_shape: BaseModelShape, targets, file, fragment):
@@ -209,6 +214,9 @@ def test_target_modules_must_cover_the_tensors_exactly(broken, base_shape: BaseM
         {"target_modules": ".*\\.(q|v)_proj"},
         {"target_modules": ["q_proj", "v_proj", "k_proj"], "exclude_modules": ["k_proj"]},
         {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1]},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1], "layers_pattern": "layers"},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0, 1], "layers_pattern": ["h", "layers"]},
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": []},
         {"target_modules": None},
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import httpx
@@ -239,3 +240,42 @@ def test_target_modules_not_covering_the_tensors_is_422(
     resp = upload(http, "uncovered", files)
     assert resp.status_code == 422 and fragment in resp.json()["error"]["message"], resp.text
     assert tree_digest(store_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "pattern", "fragment"),
+    [
+        ("rank_pattern", {r"(q)\1_proj": 2}, r"(q)\1_proj", "backreferences cannot be matched in linear time"),
+        ("target_modules", r"(?!.*k_proj).*\.(q|v)_proj", r"(?!.*k_proj).*\.(q|v)_proj", "lookahead"),
+    ],
+)
+def test_a_config_pattern_re2_cannot_run_is_422_naming_the_field(
+    field: str, value: object, pattern: str, fragment: str, http: httpx.Client, store_dir: Path, tiny_model_dir: Path
+) -> None:
+    files = {
+        CONFIG_FILE: json.dumps(lora_config(**{field: value})).encode(),
+        WEIGHTS_FILE: lora_files(base_shape(tiny_model_dir))[WEIGHTS_FILE],
+    }
+    before = tree_digest(store_dir)
+    resp = upload(http, "patterned", files)
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert f"{CONFIG_FILE}: {field} pattern {pattern!r}" in error["message"] and fragment in error["message"], error
+    assert tree_digest(store_dir) == before
+
+
+def test_the_issue_backtracking_pattern_is_accepted_promptly(http: httpx.Client, tiny_model_dir: Path) -> None:
+    """Issue 14, item 3: this rank_pattern key took 14 s to accept while every tenant stalled; Python's engine needs
+    seconds for each of the upload's four module names. RE2 matches it (it matches no name) at once."""
+    files = {
+        CONFIG_FILE: json.dumps(lora_config(rank_pattern={r"model\.([\w.]+)+!": 8})).encode(),
+        WEIGHTS_FILE: lora_files(base_shape(tiny_model_dir))[WEIGHTS_FILE],
+    }
+    started = time.monotonic()
+    resp = upload(http, "issue-14", files)
+    elapsed = time.monotonic() - started
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["rank"] == 2  # the config's r: the pattern matches no module
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert http.delete("/v1/adapters/issue-14").status_code == 204
