@@ -16,7 +16,7 @@ import enum
 import functools
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -117,11 +117,9 @@ def _load_compiled_cpu() -> AdapterKernels:
     reason = cpu_adapters.compiled_adapters_unavailable_reason()  # builds the ops on first use
     if reason is not None:
         raise BackendUnavailable(f"the compiled CPU ops cannot be built here: {reason}")
-    return AdapterKernels(
+    return replace(  # the torch kernels, with the gathered tokens of every kind in the compiled ops
+        _load_torch(),
         backend=Backend.COMPILED_CPU,
-        lora_shrink=sgmv.lora_shrink,
-        lora_expand=sgmv.lora_expand,
-        lora_apply=sgmv.lora_apply,
         lora_packed=cpu_backend.lora_packed,
         kron_apply=cpu_backend.kron_apply,
         segmented_scale=cpu_backend.segmented_scale,
