@@ -71,12 +71,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "lora_requests_info); off by default, since ids name tenants' adapters: usage is then split only into base "
         "and other. With --api-keys, /metrics needs an admin key either way",
     )
-    p.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=4 * 1024 * 1024,
-        help="larger request bodies get 413 (adapter uploads have --max-adapter-bytes)",
-    )
     p.add_argument("--log-level", default="info")
 
 
@@ -195,7 +189,6 @@ def _serve(args: argparse.Namespace) -> None:
         code_lora_slots=args.code_lora_slots,
         nf4_path=args.nf4_kernel,
         metrics_per_adapter=args.metrics_per_adapter,
-        max_request_bytes=args.max_request_bytes,
         **store_settings(args),
     )
     engine = AsyncEngine(config)

@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict
 
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.auth import Tenant
-from switchboard.serving.api.body import OffLoopJSONRoute
 from switchboard.serving.api.errors import bad_request
 from switchboard.serving.api.upload_body import read_upload
 
@@ -43,7 +42,7 @@ def adapter_router(
     authenticate: Callable[[Request], Tenant],
     max_adapter_bytes: int,
 ) -> APIRouter:
-    router = APIRouter(route_class=OffLoopJSONRoute)
+    router = APIRouter()
 
     @router.post("/v1/adapters", status_code=201)
     async def upload(request: Request) -> JSONResponse:

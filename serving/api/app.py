@@ -11,7 +11,7 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, Protocol
@@ -26,7 +26,6 @@ from switchboard.serving.adapter_metrics import DeviceStats
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
-from switchboard.serving.api.body import BodyLimit, OffLoopJSONRoute
 from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
 from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
@@ -91,15 +90,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         finally:
             engine.shutdown()
             parser.shutdown(wait=False)
-            tokenizers.shutdown(wait=False)
 
     app = FastAPI(title="Switchboard", lifespan=lifespan)
-    app.router.route_class = OffLoopJSONRoute  # JSON bodies decoded in a worker thread
     app.state.engine = engine
     app.state.config = config
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)  # inside the counter: 413s are counted
     app.add_middleware(RequestCounter, metrics=metrics)
     authenticate = Authenticator(read_api_keys(config.api_keys) if config.api_keys is not None else None)
     host = HostCache(config.max_host_adapters, on_load=metrics.adapter_load_seconds.observe)
@@ -111,13 +107,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")
     app.state.adapters = registry
     app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes))
-
-    # Prompts are rendered and tokenised in worker threads (the tokenizer releases the GIL): a prompt of megabytes takes
-    # seconds, and no other request's tokens may wait for it on the event loop.
-    tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="switchboard-tokenize")
-
-    async def tokenize(render: Callable[[Any, Any], Any], source: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(tokenizers, render, source, engine.tokenizer)
 
     def resolve(body: SamplingFields, tenant: Tenant) -> ResolvedModel:
         return resolve_model(
@@ -177,7 +166,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         timer = metrics.timer()
         _refuse_unsupported(body)
         resolved = resolve(body, tenant)
-        prompts = await tokenize(completion_prompts, body.prompt)
+        prompts = completion_prompts(body.prompt, engine.tokenizer)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         for ids in prompts:
             completion_budget(len(ids), max_tokens, engine.max_model_len, what="prompt")
@@ -193,7 +182,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
         resolved = resolve(body, tenant)
-        prompt = await tokenize(chat_prompt, body.messages)
+        prompt = chat_prompt(body.messages, engine.tokenizer)
         max_tokens = completion_budget(len(prompt), body.requested_max_tokens(), engine.max_model_len, what="messages")
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs())
         fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
