@@ -122,6 +122,10 @@ def test_unknown_route_and_method(http) -> None:
     resp = http.get("/v1/completions")
     assert resp.status_code == 405
     assert_error_shape(resp.json())
+    # `Allow` names every method of the path, though each method is its own route.
+    resp = http.put("/v1/adapters")
+    assert resp.status_code == 405
+    assert set(resp.headers["allow"].split(", ")) >= {"GET", "POST"}
 
 
 def test_resolve_model_rules() -> None:
