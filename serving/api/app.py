@@ -17,7 +17,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from transformers import PreTrainedTokenizerBase
 
 from switchboard.adapters_store.kinds import BaseModelShape
@@ -28,6 +28,7 @@ from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
 from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
+from switchboard.serving.api.openapi import GENERATION_RESPONSES, LIST_ERRORS, METRICS_ERRORS, install_openapi
 from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
 from switchboard.serving.api.responses import (
@@ -98,6 +99,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestCounter, metrics=metrics)
     authenticate = Authenticator(read_api_keys(config.api_keys) if config.api_keys is not None else None)
+    install_openapi(app, bearer=authenticate.multi_tenant)
     host = HostCache(config.max_host_adapters, on_load=metrics.adapter_load_seconds.observe)
     store = AdapterStore(config.store)
     registry = AdapterRegistry(config, store, engine.adapter_kinds, engine.base_shape, host, engine.retire_adapter)
@@ -160,7 +162,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             }
         )
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         tenant = authenticate(request)
         timer = metrics.timer()
@@ -174,7 +176,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None)
         return await serve(request, body, fmt, prompts, params, resolved, timer, tenant)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         tenant = authenticate(request)
         timer = metrics.timer()
@@ -188,7 +190,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
         return await serve(request, body, fmt, [prompt], params, resolved, timer, tenant)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=LIST_ERRORS)
     async def list_models(request: Request) -> dict[str, Any]:
         tenant = authenticate(request)
         adapters = {ref.id: ref.kind for ref in registry.visible(tenant)}
@@ -198,7 +200,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_ERRORS)
     async def prometheus_metrics(request: Request) -> Response:
         if not authenticate(request).admin:  # with --api-keys: 401 without a key, 403 for a tenant's key
             raise ApiError(

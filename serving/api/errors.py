@@ -2,7 +2,7 @@
 
 Routes raise `ApiError`; `install_error_handlers` renders it, FastAPI's request-validation errors (a field out of
 range, a body that is not JSON: both 400 `invalid_request_error`), Starlette's HTTP errors (unknown route, wrong
-method) and anything unexpected (500) in that one shape.
+method: 405 with an `Allow` header naming every method the path has) and anything unexpected (500) in that one shape.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,14 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 _HTTP_TYPES = {404: NOT_FOUND, 429: RATE_LIMIT}
 
 
+def _allowed_methods(request: Request) -> str:
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):  # included routers' routes too
+        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -94,12 +104,15 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return _validation_error(exc).response()
 
-    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         status = exc.status_code
         error_type = _HTTP_TYPES.get(status, INVALID_REQUEST if status < 500 else SERVER_ERROR)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return ApiError(status, message, type=error_type, headers=exc.headers).response()
+        headers = dict(exc.headers or {})
+        if status == 405:  # Starlette names only the methods of the first route on the path
+            headers["Allow"] = _allowed_methods(request)
+        return ApiError(status, message, type=error_type, headers=headers).response()
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error while serving a request", exc_info=exc)

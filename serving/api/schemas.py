@@ -2,62 +2,93 @@
 
 Unknown fields are ignored, as OpenAI clients send many optional ones. Fields we know but do not implement (`echo`,
 penalties, `logit_bias`, `tools`, ...) are declared so that a non-default value is refused with a clear 400 instead
-of being silently ignored (see `unsupported_fields`). Range checks that pydantic expresses well live here; the rest
-(prompt length against the context window, token ids against the vocabulary) needs the tokenizer and lives in
-`prompts.py`.
+of being silently ignored (see `unsupported_fields`); the OpenAPI document lists the values they accept. Range checks
+that pydantic expresses well live here; the rest (an empty prompt, prompt length against the context window, token
+ids against the vocabulary) lives in `prompts.py`, where it has the tokenizer and its own messages; the document
+states what of it a schema can (a prompt is never empty).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# The bodies are validated strictly, so that what the OpenAPI document calls invalid is refused: pydantic's lax mode
+# would take "3" or true for an integer and 0 or "yes" for a boolean. A float with no fraction is still an integer,
+# as JSON Schema has it (3.0).
+Int = Annotated[int, BeforeValidator(_integral)]
+STRICT = ConfigDict(extra="ignore", strict=True)
 
 StopField = str | list[str] | None
-# A completion prompt: one text, several texts, one token-id list, or several token-id lists.
-PromptField = str | list[str] | list[int] | list[list[int]]
+_TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
+_TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# A completion prompt: one text, several texts, one token-id list, or several token-id lists; never empty (checked
+# in prompts.py, which says so more plainly than a union's validation errors would).
+PromptField = Annotated[
+    str | list[str] | list[Int] | list[list[Int]],
+    WithJsonSchema(
+        {
+            "title": "Prompt",
+            "anyOf": [
+                _TEXT,
+                {"type": "array", "items": _TEXT, "minItems": 1},
+                _TOKEN_IDS,
+                {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+            ],
+        }
+    ),
+]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = False
+
+
+def _document_unsupported(schema: dict[str, Any], model: type[SamplingFields]) -> None:
+    """In the JSON schema, an unsupported field accepts only the values that mean "not used"."""
+    for name, ok in model.UNSUPPORTED.items():
+        schema["properties"][name] = {"title": schema["properties"][name].get("title", name), "enum": list(ok)}
 
 
 class SamplingFields(BaseModel):
     """The fields both generation routes share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(**STRICT, json_schema_extra=_document_unsupported)
+    # Known but not implemented: field -> the values that mean "not used"; any other value is refused (400).
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "presence_penalty": (None, 0),
+        "frequency_penalty": (None, 0),
+        "logit_bias": (None, {}),
+    }
 
     model: str | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # vLLM extension; -1 or 0 disables
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    top_k: Annotated[Int, Field(ge=-1)] | None = None  # vLLM extension; -1 or 0 disables
+    n: Annotated[Int, Field(ge=1, le=128)] = 1
     stop: StopField = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM extension
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None  # vLLM extension
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: Int | None = None
     ignore_eos: bool = False  # vLLM extension (benchmarks)
     adapter_id: str | None = None  # Switchboard extension
     user: str | None = None
-    # Known but not implemented: refused when set to anything but their default.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
     def unsupported_fields(self) -> list[str]:
         """Names of fields that are set to a value this server does not implement."""
-        return [name for name, ok in self._unsupported().items() if getattr(self, name) not in ok]
-
-    def _unsupported(self) -> dict[str, tuple[Any, ...]]:
-        """Field name -> the values that mean "not used"."""
-        return {
-            "presence_penalty": (None, 0, 0.0),
-            "frequency_penalty": (None, 0, 0.0),
-            "logit_bias": (None, {}),
-        }
+        return [name for name, ok in self.UNSUPPORTED.items() if getattr(self, name) not in ok]
 
     @property
     def include_usage(self) -> bool:
@@ -72,25 +103,31 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: PromptField
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # null: OpenAI's default, 16
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = 16  # null: OpenAI's default, 16
+    logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
+        "echo": (False,),
+        "suffix": (None, ""),
+        "best_of": (None, 1),
+    }
 
-    def _unsupported(self) -> dict[str, tuple[Any, ...]]:
-        return super()._unsupported() | {"echo": (False,), "suffix": (None, ""), "best_of": (None, 1, self.n)}
+    def unsupported_fields(self) -> list[str]:
+        # `best_of` equal to `n` asks for nothing but plain sampling.
+        return [name for name in super().unsupported_fields() if not (name == "best_of" and self.best_of == self.n)]
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -106,15 +143,16 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
-
-    def _unsupported(self) -> dict[str, tuple[Any, ...]]:
-        return super()._unsupported() | {"tools": (None, []), "response_format": (None, {"type": "text"})}
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
+        "tools": (None, []),
+        "response_format": (None, {"type": "text"}),
+    }
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` (the current name) wins over the deprecated `max_tokens`."""

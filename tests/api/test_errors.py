@@ -91,6 +91,13 @@ def test_malformed_json(http) -> None:
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
         ({"max_tokens": 2}, "prompt"),
+        # JSON types as the OpenAPI document states them, not pydantic's lax conversions.
+        ({"prompt": "x", "max_tokens": "2"}, "max_tokens"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+        ({"prompt": "x", "stream": 0}, "stream"),
+        ({"prompt": "x", "echo": 0}, "echo"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),
     ],
 )
 def test_invalid_completion_fields(http, body: dict, param: str) -> None:
@@ -122,6 +129,17 @@ def test_unknown_route_and_method(http) -> None:
     resp = http.get("/v1/completions")
     assert resp.status_code == 405
     assert_error_shape(resp.json())
+    # `Allow` names every method of the path, though each method is its own route.
+    resp = http.put("/v1/adapters")
+    assert resp.status_code == 405
+    assert set(resp.headers["allow"].split(", ")) >= {"GET", "POST"}
+
+
+def test_integral_floats_are_integers(http) -> None:
+    """JSON Schema's integers include 2.0; the OpenAPI document says integer, so 2.0 is accepted."""
+    resp = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2.0, "n": 1.0, "ignore_eos": True})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 2
 
 
 def test_resolve_model_rules() -> None:
