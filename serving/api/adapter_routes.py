@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict
 
 from switchboard.serving.api.adapter_registry import AdapterRegistry
@@ -41,8 +42,9 @@ def adapter_router(
     registry: AdapterRegistry,
     authenticate: Callable[[Request], Tenant],
     max_adapter_bytes: int,
+    route_class: type[APIRoute] = APIRoute,  # the app's (body.json_body_route): load/unload bodies parse off the loop
 ) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=route_class)
 
     @router.post("/v1/adapters", status_code=201)
     async def upload(request: Request) -> JSONResponse:
