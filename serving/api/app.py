@@ -30,7 +30,7 @@ from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
 from switchboard.serving.api.body import RequestWorker, json_body_route
 from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
-from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
+from switchboard.serving.api.prompts import Budget, chat_prompt, completion_prompts
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
 from switchboard.serving.api.responses import (
     ChatFormat,
@@ -167,17 +167,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     def completion_inputs(body: CompletionRequest, max_tokens: int) -> list[list[int]]:
         """The prompts' token ids, each checked against the context (in the request worker)."""
-        prompts = completion_prompts(body.prompt, engine.tokenizer)
-        for ids in prompts:
-            completion_budget(len(ids), max_tokens, engine.max_model_len, what="prompt")
-        return prompts
+        budget = Budget(max_tokens, engine.max_model_len, what="prompt")
+        return completion_prompts(body.prompt, engine.tokenizer, budget)
 
     def chat_inputs(body: ChatCompletionRequest) -> tuple[list[int], int]:
         """The rendered conversation's token ids and the completion's budget (in the request worker)."""
-        prompt = chat_prompt(body.messages, engine.tokenizer)
-        return prompt, completion_budget(
-            len(prompt), body.requested_max_tokens(), engine.max_model_len, what="messages"
-        )
+        budget = Budget(body.requested_max_tokens(), engine.max_model_len, what="messages")
+        prompt = chat_prompt(body.messages, engine.tokenizer, budget)
+        return prompt, budget.completion_tokens(len(prompt))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
