@@ -183,7 +183,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         _refuse_unsupported(body)
         resolved = resolve(body, tenant)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        prompts = await worker.run(completion_inputs, body, max_tokens)
+        prompts = await worker.run(len(await request.body()), completion_inputs, body, max_tokens)
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
         fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None)
         return await serve(request, body, fmt, prompts, params, resolved, timer, tenant)
@@ -196,7 +196,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
         resolved = resolve(body, tenant)
-        prompt, max_tokens = await worker.run(chat_inputs, body)
+        prompt, max_tokens = await worker.run(len(await request.body()), chat_inputs, body)
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs())
         fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
         return await serve(request, body, fmt, [prompt], params, resolved, timer, tenant)

@@ -1,5 +1,5 @@
 """JSON request bodies, kept off the event loop: read within `--max-request-bytes`, then parsed and validated in the
-request worker, a small thread pool that also renders and tokenizes prompts (`RequestWorker`).
+request worker (`RequestWorker`: two threads, by body size), where the routes also render and tokenize prompts.
 
 The limit is enforced twice, as for adapter uploads (`upload_body`, which has its own limit, `--max-adapter-bytes`):
 a `Content-Length` above it is refused before reading, and a body that grows past it (chunked, or lying about its
@@ -31,9 +31,9 @@ from switchboard.serving.api.errors import ApiError, bad_request
 
 T = TypeVar("T")
 
-# Threads of the request worker: two, so that one long request (a prompt of megabytes to tokenize) does not hold up
-# every other tenant's, and no more, since each competes with the engine's step thread for the GIL and the cores.
-REQUEST_WORKERS = 2
+# Bodies up to this size are parsed, templated and tokenized in the request worker's small lane (milliseconds each);
+# bigger ones in its large lane, so that a request of megabytes (seconds to tokenize) never holds up the others.
+SMALL_BODY_BYTES = 64 * 1024
 
 
 def too_large(limit: int) -> ApiError:
@@ -60,16 +60,22 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 
 class RequestWorker:
-    """The threads where request work that costs CPU runs: body parsing, validation, chat templates, tokenization."""
+    """The threads where request work that costs CPU runs (body parsing, validation, chat templates, tokenization):
+    one for bodies up to `SMALL_BODY_BYTES`, one for bigger ones. No more: each competes with the engine's step
+    thread for the GIL and the cores."""
 
-    def __init__(self, threads: int = REQUEST_WORKERS) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="switchboard-request")
+    def __init__(self) -> None:
+        self._small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-request")
+        self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-large-request")
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+    async def run(self, body_bytes: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the lane of a request whose body has `body_bytes` bytes."""
+        pool = self._small if body_bytes <= SMALL_BODY_BYTES else self._large
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._small, self._large):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _ReadRequest(Request):
@@ -102,7 +108,7 @@ def json_body_route(limit: int, worker: RequestWorker) -> type[APIRoute]:
                 if not raw or not _is_json(request.headers.get("content-type")):
                     # No body, or not JSON: FastAPI refuses it as before (a missing field; not an object), cheaply.
                     return await handler(_ReadRequest(request, raw))
-                model = await worker.run(_parse, raw, field)
+                model = await worker.run(len(raw), _parse, raw, field)
                 return await handler(_ReadRequest(request, raw, model))
 
             return read_then_handle
