@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -87,9 +88,15 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        # What start-up allocated (the model, torch, transformers: some 450k objects) leaves the garbage collector's
+        # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever requests had
+        # allocated enough (a body of many items triggers one at once). vLLM freezes its heap likewise.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # let the interpreter's last collection see those objects again
             engine.shutdown()
             parser.shutdown(wait=False)
             worker.shutdown()
