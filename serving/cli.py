@@ -36,6 +36,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-waiting", type=int, default=1024, help="waiting requests beyond this get 429")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="JSON bodies (completions, chat, load/unload_lora_adapter) larger than this get 413; adapter uploads "
+        "have --max-adapter-bytes",
+    )
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="overrides --kv-cache-gb")
@@ -178,6 +185,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_batch_tokens=args.max_batch_tokens,
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
+        max_request_bytes=args.max_request_bytes,
         block_size=args.block_size,
         kv_cache_gb=args.kv_cache_gb,
         num_kv_blocks=args.num_kv_blocks,

@@ -52,6 +52,8 @@ class ServeConfig:
     store: Path = Path(".cache/store")
     import_dir: Path | None = None
     max_adapter_bytes: int = 512 * 1024 * 1024  # uploads above: 413
+    # JSON bodies above: 413 (the generation routes and load/unload_lora_adapter; uploads use max_adapter_bytes)
+    max_request_bytes: int = 4 * 1024 * 1024
     max_lora_rank: int = 16  # uploads above: 422 (vLLM's default); start-up adapters may exceed it
     max_virtual_tokens: int = 128  # prefix adapters above: 422
     max_adapters_per_tenant: int = 1024  # uploads beyond: 409
@@ -71,6 +73,7 @@ class ServeConfig:
             "max_resident_adapters",
             "max_host_adapters",
             "max_adapter_bytes",
+            "max_request_bytes",
             "max_lora_rank",
             "max_virtual_tokens",
             "max_adapters_per_tenant",

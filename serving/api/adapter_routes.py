@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from switchboard.serving.api.adapter_registry import AdapterRegistry
@@ -54,8 +55,9 @@ def adapter_router(
     registry: AdapterRegistry,
     authenticate: Callable[[Request], Tenant],
     max_adapter_bytes: int,
+    route_class: type[APIRoute] = APIRoute,  # the app's (body.json_body_route): load/unload bodies parse off the loop
 ) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=route_class)
 
     @router.post("/v1/adapters", status_code=201, responses=UPLOAD_ERRORS, openapi_extra=UPLOAD_OPENAPI)
     async def upload(request: Request, overwrite: bool = False, public: bool = False) -> JSONResponse:

@@ -1,14 +1,16 @@
 """The OpenAI-compatible HTTP app: `create_app(engine, config)` wires routes, error handlers and metrics.
 
-A generation request goes: validate the body (schemas) -> resolve `model`/`adapter_id` (resolve) -> token ids and
-budget (prompts) -> SamplingParams -> admit the engine requests (generation; 429 when the queue is full) -> stream
-SSE chunks (streaming) or collect one response (responses).
+A generation request goes: read, parse and validate the body (body, schemas) -> resolve `model`/`adapter_id`
+(resolve) -> token ids and budget (prompts) -> SamplingParams -> admit the engine requests (generation; 429 when the
+queue is full) -> stream SSE chunks (streaming) or collect one response (responses). Parsing, validation, chat
+templates and tokenization run in the request worker (body), never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -26,10 +28,11 @@ from switchboard.serving.adapter_metrics import DeviceStats
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
+from switchboard.serving.api.body import RequestWorker, json_body_route
 from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
 from switchboard.serving.api.openapi import GENERATION_RESPONSES, LIST_ERRORS, METRICS_ERRORS, install_openapi
-from switchboard.serving.api.prompts import chat_prompt, completion_budget, completion_prompts
+from switchboard.serving.api.prompts import Budget, chat_prompt, completion_prompts
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
 from switchboard.serving.api.responses import (
     ChatFormat,
@@ -86,13 +89,22 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        # What start-up allocated (the model, torch, transformers: some 450k objects) leaves the garbage collector's
+        # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever
+        # requests had allocated enough (a body of many items triggers one at once). vLLM freezes its heap likewise.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # let the interpreter's last collection see those objects again
             engine.shutdown()
             parser.shutdown(wait=False)
+            worker.shutdown()
 
+    worker = RequestWorker()
     app = FastAPI(title="Switchboard", lifespan=lifespan)
+    app.router.route_class = json_body_route(config.max_request_bytes, worker)
     app.state.engine = engine
     app.state.config = config
     app.state.metrics = metrics
@@ -108,7 +120,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")
     app.state.adapters = registry
-    app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes))
+    app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes, app.router.route_class))
 
     def resolve(body: SamplingFields, tenant: Tenant) -> ResolvedModel:
         return resolve_model(
@@ -162,16 +174,25 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             }
         )
 
+    def completion_inputs(body: CompletionRequest, max_tokens: int) -> list[list[int]]:
+        """The prompts' token ids, each checked against the context (in the request worker)."""
+        budget = Budget(max_tokens, engine.max_model_len, what="prompt")
+        return completion_prompts(body.prompt, engine.tokenizer, budget)
+
+    def chat_inputs(body: ChatCompletionRequest) -> tuple[list[int], int]:
+        """The rendered conversation's token ids and the completion's budget (in the request worker)."""
+        budget = Budget(body.requested_max_tokens(), engine.max_model_len, what="messages")
+        prompt = chat_prompt(body.messages, engine.tokenizer, budget)
+        return prompt, budget.completion_tokens(len(prompt))
+
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         tenant = authenticate(request)
         timer = metrics.timer()
         _refuse_unsupported(body)
         resolved = resolve(body, tenant)
-        prompts = completion_prompts(body.prompt, engine.tokenizer)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        for ids in prompts:
-            completion_budget(len(ids), max_tokens, engine.max_model_len, what="prompt")
+        prompts = await worker.run(len(await request.body()), completion_inputs, body, max_tokens)
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
         fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None)
         return await serve(request, body, fmt, prompts, params, resolved, timer, tenant)
@@ -184,8 +205,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
         resolved = resolve(body, tenant)
-        prompt = chat_prompt(body.messages, engine.tokenizer)
-        max_tokens = completion_budget(len(prompt), body.requested_max_tokens(), engine.max_model_len, what="messages")
+        prompt, max_tokens = await worker.run(len(await request.body()), chat_inputs, body)
         params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs())
         fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
         return await serve(request, body, fmt, [prompt], params, resolved, timer, tenant)

@@ -1,14 +1,17 @@
 """From a request's prompt or messages to validated token ids, and the token budget each prompt may use.
 
-Everything here raises `ApiError` (400) with OpenAI's messages; nothing touches the engine.
+Everything here raises `ApiError` (400) with OpenAI's messages; nothing touches the engine. It runs in the request
+worker (`body.RequestWorker`), beside the engine's step thread: a text that cannot fit the context is refused from a
+count of its tokens made without the GIL, never turned into a list of Python ints first.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from jinja2 import TemplateError
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from switchboard.serving.api.errors import ApiError, bad_request
 from switchboard.serving.api.schemas import ChatMessage, PromptField
@@ -16,27 +19,46 @@ from switchboard.serving.api.schemas import ChatMessage, PromptField
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
-def completion_prompts(prompt: PromptField, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """One token-id list per prompt. Texts are tokenized as the tokenizer expects (its special tokens added)."""
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The context a prompt must fit: `max_model_len` tokens, `max_tokens` of them for the completion (None: the
+    rest of the context, chat's default). `what` names the prompt in messages: "prompt" or "messages"."""
+
+    max_tokens: int | None
+    max_model_len: int
+    what: str
+
+    def completion_tokens(self, prompt_len: int) -> int:
+        """The tokens to generate after a prompt of `prompt_len` tokens; 400 if it cannot fit."""
+        return completion_budget(prompt_len, self.max_tokens, self.max_model_len, what=self.what)
+
+
+def completion_prompts(prompt: PromptField, tokenizer: PreTrainedTokenizerBase, budget: Budget) -> list[list[int]]:
+    """One token-id list per prompt, each within `budget`. Texts are tokenized as the tokenizer expects (its special
+    tokens added). A prompt past the context is refused before its token ids are checked against the vocabulary."""
     if isinstance(prompt, str):
         batch: Sequence[str | list[int]] = [prompt]
-    elif prompt and all(isinstance(item, int) for item in prompt):
-        batch = [list(prompt)]  # type: ignore[arg-type]  # one prompt given as token ids
+    elif prompt and isinstance(prompt[0], int):  # validated: a list of one kind
+        batch = [prompt]  # type: ignore[list-item]  # one prompt given as token ids
     else:
         batch = prompt  # type: ignore[assignment]  # several texts or several token-id lists
-    if not batch or any(item == "" for item in batch):  # "" is empty even if the tokenizer would add a BOS
+    if not batch or "" in batch:  # "" is empty even if the tokenizer would add a BOS
         raise bad_request("The prompt must not be empty.", param="prompt")
     for item in batch:
         if isinstance(item, str):
             check_text(item, param="prompt")
-    prompts = [tokenizer.encode(item) if isinstance(item, str) else list(item) for item in batch]
-    for ids in prompts:
+    prompts = []
+    for item in batch:
+        ids = _encode(tokenizer, item, budget) if isinstance(item, str) else item
+        budget.completion_tokens(len(ids))
         check_token_ids(ids, tokenizer, param="prompt")
+        prompts.append(list(ids))
     return prompts
 
 
-def chat_prompt(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Render `messages` with the model's chat template and tokenize the result with exactly one BOS.
+def chat_prompt(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerBase, budget: Budget) -> list[int]:
+    """Render `messages` with the model's chat template and tokenize the result with exactly one BOS; a conversation
+    that cannot fit `budget` is refused without its token ids (the caller checks the budget of the ids returned).
 
     A template that writes the BOS text itself is tokenized without special tokens; otherwise the tokenizer adds
     what it normally adds. A doubled BOS (template and tokenizer both adding it) is collapsed to one.
@@ -56,12 +78,25 @@ def chat_prompt(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerB
     assert isinstance(text, str)
     bos_text = tokenizer.bos_token
     template_wrote_bos = isinstance(bos_text, str) and bool(bos_text) and text.startswith(bos_text)
-    ids = tokenizer.encode(text, add_special_tokens=not template_wrote_bos)
+    ids = _encode(tokenizer, text, budget, add_special_tokens=not template_wrote_bos)
     bos_id = tokenizer.bos_token_id
     while bos_id is not None and len(ids) >= 2 and ids[0] == bos_id and ids[1] == bos_id:
         ids = ids[1:]
     check_token_ids(ids, tokenizer, param="messages")
     return ids
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, text: str, budget: Budget, *, add_special_tokens: bool = True
+) -> list[int]:
+    """`tokenizer.encode(text)`; 400 `context_length_exceeded` without building the ids when their count alone
+    shows the text cannot fit (a text of megabytes: its list of ids took the GIL for a long time)."""
+    if len(text) > budget.max_model_len and isinstance(tokenizer, PreTrainedTokenizerFast):
+        # The Rust tokenizer's batch call releases the GIL; `len` of its encoding builds no Python ints.
+        (encoding,) = tokenizer.backend_tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        if len(encoding) > budget.max_model_len:  # no completion fits: refused whatever `max_tokens` is
+            budget.completion_tokens(len(encoding))
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _template_message(message: ChatMessage) -> dict[str, str]:

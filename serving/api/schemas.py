@@ -25,13 +25,20 @@ def _integral(value: Any) -> Any:
 Int = Annotated[int, BeforeValidator(_integral)]
 STRICT = ConfigDict(extra="ignore", strict=True)
 
-StopField = str | list[str] | None
+# Every list stops validating at its first wrong item (`FAIL_FAST`): a body of a million wrong items (within
+# --max-request-bytes) would otherwise make pydantic build a million errors, seconds of work holding the GIL, and a
+# response of megabytes. Valid bodies validate as before.
+FAIL_FAST = Field(fail_fast=True)
+StopField = str | Annotated[list[str], FAIL_FAST] | None
 _TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
 _TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 # A completion prompt: one text, several texts, one token-id list, or several token-id lists; never empty (checked
 # in prompts.py, which says so more plainly than a union's validation errors would).
 PromptField = Annotated[
-    str | list[str] | list[Int] | list[list[Int]],
+    str
+    | Annotated[list[str], FAIL_FAST]
+    | Annotated[list[Int], FAIL_FAST]
+    | Annotated[list[Annotated[list[Int], FAIL_FAST]], FAIL_FAST],
     WithJsonSchema(
         {
             "title": "Prompt",
@@ -75,7 +82,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[Int, Field(ge=-1)] | None = None  # vLLM extension; -1 or 0 disables
     n: Annotated[Int, Field(ge=1, le=128)] = 1
     stop: StopField = None
-    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = None  # vLLM extension
+    stop_token_ids: Annotated[list[Annotated[Int, Field(ge=0)]], FAIL_FAST] | None = None  # vLLM extension
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Int | None = None
@@ -84,7 +91,8 @@ class SamplingFields(BaseModel):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    # Values not validated: any non-empty map is refused, and a map of a million wrong values would be a million errors.
+    logit_bias: dict[str, Any] | None = None
 
     def unsupported_fields(self) -> list[str]:
         """Names of fields that are set to a value this server does not implement."""
@@ -130,7 +138,7 @@ class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], FAIL_FAST] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -142,12 +150,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1), FAIL_FAST]
     max_tokens: Annotated[Int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
     response_format: dict[str, Any] | None = None
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
         "tools": (None, []),
