@@ -89,8 +89,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         # What start-up allocated (the model, torch, transformers: some 450k objects) leaves the garbage collector's
-        # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever requests had
-        # allocated enough (a body of many items triggers one at once). vLLM freezes its heap likewise.
+        # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever
+        # requests had allocated enough (a body of many items triggers one at once). vLLM freezes its heap likewise.
         gc.collect()
         gc.freeze()
         try:
