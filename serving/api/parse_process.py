@@ -30,6 +30,10 @@ from pydantic import TypeAdapter, ValidationError
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("<Q")
+# The child's CPU priority, below the server's: parsing a big body is bulk work, and on a machine of few cores the
+# engine's step threads must not wait for a core while it runs (its own GIL is not the server's, so nothing there
+# waits on it).
+NICENESS = 10
 
 
 def parse_body(raw: bytes, model: type) -> Any:
@@ -131,6 +135,7 @@ def _serve(requests: IO[bytes], answers: IO[bytes]) -> None:
 
 
 if __name__ == "__main__":
+    os.nice(NICENESS)
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # whatever else writes to stdout goes to stderr
     _serve(sys.stdin.buffer, answers)
