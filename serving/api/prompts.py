@@ -2,7 +2,7 @@
 
 Everything here raises `ApiError` (400) with OpenAI's messages; nothing touches the engine. It runs in the request
 worker (`body.RequestWorker`), beside the engine's step thread: a text that cannot fit the context is refused from a
-count of its tokens made without the GIL, never turned into a list of Python ints first.
+count of the tokens of its beginning, made without the GIL, never tokenized whole into a list of Python ints.
 """
 
 from __future__ import annotations
@@ -89,14 +89,41 @@ def chat_prompt(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerB
 def _encode(
     tokenizer: PreTrainedTokenizerBase, text: str, budget: Budget, *, add_special_tokens: bool = True
 ) -> list[int]:
-    """`tokenizer.encode(text)`; 400 `context_length_exceeded` without building the ids when their count alone
-    shows the text cannot fit (a text of megabytes: its list of ids took the GIL for a long time)."""
+    """`tokenizer.encode(text)`; 400 `context_length_exceeded` first when a count of tokens shows that the text
+    cannot fit, made without building the ids (a text of megabytes: its list of ids held the GIL for long)."""
     if len(text) > budget.max_model_len and isinstance(tokenizer, PreTrainedTokenizerFast):
-        # The Rust tokenizer's batch call releases the GIL; `len` of its encoding builds no Python ints.
-        (encoding,) = tokenizer.backend_tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)
-        if len(encoding) > budget.max_model_len:  # no completion fits: refused whatever `max_tokens` is
-            budget.completion_tokens(len(encoding))
+        at_least = _count_at_least(tokenizer, text, budget.max_model_len, add_special_tokens=add_special_tokens)
+        if at_least > budget.max_model_len:  # no completion fits, whatever `max_tokens` is
+            raise _context_error(
+                f"This model's maximum context length is {budget.max_model_len} tokens. However, your "
+                f"{budget.what} resulted in at least {at_least} tokens. Please reduce the length of the {budget.what}.",
+                budget.what,
+            )
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _count_at_least(tokenizer: PreTrainedTokenizerFast, text: str, limit: int, *, add_special_tokens: bool) -> int:
+    """A lower bound of the number of tokens of `text`, exact when it is at most `limit`.
+
+    Counts the tokens of ever longer beginnings of the text (from 4 characters a token of `limit` up, doubling),
+    each ending before a space, until one has more than `limit` tokens: a text of megabytes is refused after
+    tokenizing a few times `limit` tokens' worth, not all of it. A beginning that ends before a space tokenizes as
+    the start of the whole text does, under every tokenizer that splits words at spaces before merging (byte-level
+    BPE, SentencePiece's metaspace, WordPiece), so its count never exceeds the whole text's. The Rust tokenizer's
+    batch call releases the GIL, and `len` of its encoding builds no Python ints.
+    """
+    backend = tokenizer.backend_tokenizer
+    size = 4 * limit
+    while size < len(text):
+        cut = text.rfind(" ", 0, size)
+        if cut <= 0:  # no space to cut before: count it all
+            break
+        (encoding,) = backend.encode_batch_fast([text[:cut]], add_special_tokens=add_special_tokens)
+        if len(encoding) > limit:
+            return len(encoding)
+        size *= 2
+    (encoding,) = backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+    return len(encoding)
 
 
 def _template_message(message: ChatMessage) -> dict[str, str]:

@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from switchboard.serving.api.body import SMALL_BODY_BYTES
+
 from .adapter_files import base_shape, lora_files, upload
 from .conftest import RunningServer, ServerFactory
 from .test_errors import assert_error_shape
@@ -137,3 +139,23 @@ def test_uploads_have_their_own_limit(http: httpx.Client, tiny_model_dir: Path) 
     assert sum(len(data) for data in files.values()) > LIMIT
     resp = upload(http, "bigger-than-a-request", files)
     assert resp.status_code == 201, resp.text
+
+
+def test_big_bodies_are_parsed_alike(server: RunningServer) -> None:
+    """Bodies over SMALL_BODY_BYTES are parsed in the parse process: the same answers as small ones."""
+    filler = {"junk": [0] * (2 * SMALL_BODY_BYTES)}  # ignored by the model, makes the body big
+    ok = {"prompt": "hello", "max_tokens": 2, "ignore_eos": True}
+    wrong = {"prompt": [1, "a"], "max_tokens": 2}
+    too_long = {"prompt": "hello " * 2 * server.engine.max_model_len, "max_tokens": 2}
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for body in (ok, wrong, too_long):
+            small = http.post("/v1/completions", json=body)
+            big = http.post("/v1/completions", json={**body, **filler})
+            assert big.status_code == small.status_code, (body, big.text)
+            if small.status_code != 200:
+                assert big.json() == small.json()
+        assert big.json()["error"]["code"] == "context_length_exceeded"
+        for raw in (b'{"prompt": ' + b" " * (2 * SMALL_BODY_BYTES), b"[" * (2 * SMALL_BODY_BYTES)):
+            resp = http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+            assert resp.status_code == 400, resp.text
+            assert_error_shape(resp.json(), type_="invalid_request_error")
