@@ -325,9 +325,12 @@ class Soak:
         await monitor
         leaks: list[str] = []
         if not self.crash:
-            leaks = await self.check_quiet()
-            final = await self.check_uploads("at the end", {})
-            final["unusable"] = await self.check_usable()
+            try:
+                leaks = await self.check_quiet()
+                final = await self.check_uploads("at the end", {})
+                final["unusable"] = await self.check_usable()
+            except httpx.HTTPError as exc:
+                leaks = [f"the server did not answer the final checks ({type(exc).__name__}: {exc})"]
         for client in self.actions.clients.values():
             await client.aclose()
         self.server.stop()
