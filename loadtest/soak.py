@@ -94,7 +94,7 @@ def _gauges(exposition: str) -> dict[str, float]:
 class Soak:
     def __init__(self, cfg: SoakConfig) -> None:
         self.cfg = cfg
-        self.workdir = cfg.out / "server"
+        self.workdir = (cfg.out / "server").resolve()  # the server runs there: its paths must not be relative
         base = BaseModelShape.from_hf_config(json.loads((cfg.model / "config.json").read_text()))
         demo = demo_files(cfg.adapters)
         keys = {tenant: f"soak-{tenant}-{secrets.token_hex(8)}" for tenant in TENANTS}

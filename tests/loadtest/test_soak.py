@@ -18,11 +18,12 @@ FLAGS = ["--serve-arg=--dtype=float32", "--serve-arg=--max-model-len=256", "--se
 
 
 def _soak(tmp_path: Path, model: Path, adapters: dict[str, Path], *args: str) -> tuple[int, str, dict]:
-    cmd = [str(Path(sys.executable).with_name("switchboard")), "soak", "--model", str(model), "--out", str(tmp_path)]
+    """The soak run in `tmp_path` with a relative --out (as `make soak` passes it), and its summary."""
+    cmd = [str(Path(sys.executable).with_name("switchboard")), "soak", "--model", str(model), "--out", "soak"]
     for kind, name in KINDS.items():
         cmd += ["--adapter", f"demo-{kind}={adapters[name]}"]
-    done = subprocess.run([*cmd, *FLAGS, *args], capture_output=True, text=True, timeout=600, check=False)
-    summary = json.loads((tmp_path / "soak.json").read_text())
+    done = subprocess.run([*cmd, *FLAGS, *args], capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
+    summary = json.loads((tmp_path / "soak" / "soak.json").read_text())
     return done.returncode, done.stdout + done.stderr, summary
 
 
@@ -44,7 +45,7 @@ def test_a_short_soak_with_a_kill_passes(tmp_path: Path, tiny_model_dir: Path, p
     assert any(key.startswith("hostile: ") for key in summary["by_case"])
     assert summary["rss"]["by_server"][0]["growth"] is not None
     assert "[soak] PASS" in out and out.count("s: completed") >= 3  # progress lines
-    assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "soak" / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
