@@ -28,7 +28,7 @@ DEMO_MODEL := .cache/demo-model
 DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
 SEEDED_STAMP := .cache/demo-adapters/.built
 
-.PHONY: install serve test test-quick real-model bench lint lock demo-model demo-adapters seeded-adapters profile clean
+.PHONY: install serve test test-quick real-model bench soak lint lock demo-model demo-adapters seeded-adapters profile clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,13 @@ test-quick: $(STAMP)
 
 bench: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard bench --model $(DEMO_MODEL)
+
+# Ten minutes of mixed and hostile tenants against a server of its own, with one kill -9 and restart; fails on a
+# collateral failure, a lost or altered upload or RSS growth (loadtest/soak.py). Not part of `make test`; a shorter
+# one: make soak SOAK_ARGS="--duration 120".
+SOAK_ARGS ?=
+soak: $(STAMP) $(SEEDED_STAMP)
+	$(VENV)/bin/switchboard soak --model $(DEMO_MODEL) $(DEMO_ADAPTER_FLAGS) $(SOAK_ARGS)
 
 profile: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard profile --model $(DEMO_MODEL)

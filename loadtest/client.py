@@ -19,7 +19,7 @@ from .config import Endpoint
 from .workload import PlannedRequest
 
 TRANSPORT_ERROR = "transport"  # no HTTP status: connection refused, reset, timed out
-STREAM_ERROR = "stream"  # status 200, but the stream carried an error event or ended without [DONE]
+STREAM_ERROR = "stream"  # status 200, but the stream carried an error (event or finish_reason) or ended without [DONE]
 
 
 @dataclass(slots=True)
@@ -151,6 +151,8 @@ async def send(
                 if "error" in chunk:
                     rec.error, rec.error_kind = f"stream error: {json.dumps(chunk['error'])[:500]}", STREAM_ERROR
                     continue
+                if any(c.get("finish_reason") == "error" for c in chunk.get("choices") or []):
+                    rec.error, rec.error_kind = "a choice finished with finish_reason 'error'", STREAM_ERROR
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"].get("completion_tokens")
                     rec.prompt_tokens = chunk["usage"].get("prompt_tokens")

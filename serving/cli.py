@@ -1,5 +1,5 @@
 """`switchboard` command line: serve, build-kernels, fetch-model, demo-model, demo-adapters, upload, train, loadtest,
-and the benchmarks that bench/ registers (bench, bench-adapters, bench-train, profile)."""
+soak, and the benchmarks that bench/ registers (bench, bench-adapters, bench-train, profile)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,15 @@ def _add_loadtest(sub: argparse._SubParsersAction) -> None:
     from switchboard.loadtest.main import add_arguments
 
     p = sub.add_parser("loadtest", help="multi-tenant load test of an OpenAI-compatible server (JSON, Markdown, PNG)")
+    add_arguments(p)
+
+
+def _add_soak(sub: argparse._SubParsersAction) -> None:
+    from switchboard.loadtest.soak import add_arguments
+
+    p = sub.add_parser(
+        "soak", help="start a server, load it for minutes with mixed and hostile tenants, kill -9 it once, check it"
+    )
     add_arguments(p)
 
 
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     add_upload_parser(sub)
     add_train_parser(sub)
     _add_loadtest(sub)
+    _add_soak(sub)
     _add_build_kernels(sub)
     _add_fetch_model(sub)
     registered = _add_registered_commands(sub)
@@ -279,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
             from switchboard.loadtest.main import config_from_args, run
 
             run(config_from_args(args))
+        elif args.command == "soak":
+            from switchboard.loadtest import soak
+
+            raise SystemExit(soak.run(soak.config_from_args(args)))
         elif args.command in registered:
             registered[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

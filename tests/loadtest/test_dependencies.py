@@ -6,7 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODULES = ("client", "compare", "config", "main", "peer", "plots", "report", "runner", "stats", "upload", "workload")
+MODULES = (
+    "client",
+    "compare",
+    "config",
+    "main",
+    "peer",
+    "plots",
+    "report",
+    "runner",
+    "serve_process",
+    "soak",
+    "soak_cases",
+    "soak_report",
+    "stats",
+    "upload",
+    "workload",
+)
 
 
 def test_loadtest_never_imports_the_server(tmp_path: Path) -> None:
