@@ -59,7 +59,6 @@ class SoakConfig:
     request_timeout_s: float = 60.0
     progress_s: float = 15.0
     seed: int = 0
-    hostile_regex: bool = False
     max_request_bytes: int = 1 << 20
     max_adapter_bytes: int = 8 << 20
     serve_args: list[str] = field(default_factory=list)
@@ -101,7 +100,7 @@ class Soak:
         self.admin_key = f"soak-admin-{secrets.token_hex(8)}"
         self.state = SoakState(keys, {adapter_id: kind for adapter_id, (kind, _) in demo.items()})
         limits = {"max_request_bytes": cfg.max_request_bytes, "max_adapter_bytes": cfg.max_adapter_bytes}
-        self.actions = Actions(self.state, demo, base, **limits, hostile_regex=cfg.hostile_regex)
+        self.actions = Actions(self.state, demo, base, **limits)
         self.port = free_port()
         self.results: list[Result] = []
         self.samples: list[RssSample] = []
@@ -394,11 +393,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="the server's limit (and the probes')")
     p.add_argument("--max-adapter-bytes", type=int, default=8 << 20, help="the server's upload limit")
     p.add_argument(
-        "--hostile-regex",
-        action="store_true",
-        help="also upload a pathological rank_pattern regex (stalls a server whose regexes run on Python's re)",
-    )
-    p.add_argument(
         "--mix",
         default=",".join(f"{action}={weight}" for action, weight in MIX.items()),
         help="relative weights of the actions (default %(default)s); e.g. generate=1,upload=1 isolates two",
@@ -420,7 +414,6 @@ def config_from_args(args: argparse.Namespace) -> SoakConfig:
         request_timeout_s=args.request_timeout,
         progress_s=args.progress_every,
         seed=args.seed,
-        hostile_regex=args.hostile_regex,
         max_request_bytes=args.max_request_bytes,
         max_adapter_bytes=args.max_adapter_bytes,
         serve_args=args.serve_arg,

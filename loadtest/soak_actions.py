@@ -26,7 +26,6 @@ from .soak_cases import (
     BAD_UPLOADS,
     CHAT,
     COMPLETIONS,
-    PATHOLOGICAL,
     Files,
     Probe,
     SoakState,
@@ -88,14 +87,9 @@ class Actions:
         *,
         max_request_bytes: int,
         max_adapter_bytes: int,
-        hostile_regex: bool,
     ) -> None:
         self.state, self.demo, self.base = state, demo, base
-        self.max_request_bytes, self.max_adapter_bytes, self.hostile_regex = (
-            max_request_bytes,
-            max_adapter_bytes,
-            hostile_regex,
-        )
+        self.max_request_bytes, self.max_adapter_bytes = max_request_bytes, max_adapter_bytes
         self.clients: dict[str, httpx.AsyncClient] = {}
         self.pending: dict[tuple[str, str], Upload] = {}  # uploads sent and not yet answered
         self.ids = itertools.count()
@@ -208,7 +202,7 @@ class Actions:
         return await self.probe(rng.choice(generation_probes(self.state, tenant, rng, self.max_request_bytes)))
 
     async def bad_upload(self, tenant: str, rng: random.Random) -> Answer:
-        case = rng.choice(BAD_UPLOADS + ((PATHOLOGICAL,) if self.hostile_regex else ()))
+        case = rng.choice(BAD_UPLOADS)
         args = (case, self.base, rng.randrange(1 << 30), self.max_adapter_bytes)
         adapter_id, parts = await asyncio.to_thread(bad_upload, *args)
         return await self.probe(upload_probe(case, adapter_id, parts, self.state.keys[tenant]))

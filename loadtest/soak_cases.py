@@ -25,7 +25,7 @@ from switchboard.adapters_store.store import content_sha256
 Files = synthetic.Files
 COMPLETIONS, CHAT, ADAPTERS = "/v1/completions", "/v1/chat/completions", "/v1/adapters"
 # A rank_pattern key that Python's `re` backtracks on for minutes against a module name (2^len steps), holding the
-# GIL: the whole server stalls. Off unless --hostile-regex (the fix, RE2 with a time bound, is issue 14, item 3).
+# GIL: a server whose patterns ran on `re` would stall whole. Ours match with RE2 (linear time) and must refuse it.
 PATHOLOGICAL_REGEX = "(.|.)*!"
 
 
@@ -206,8 +206,8 @@ BAD_UPLOADS = (
     "missing weights",
     "invalid id",
     "over --max-adapter-bytes",
+    "pathological rank_pattern",
 )
-PATHOLOGICAL = "pathological rank_pattern"  # only with --hostile-regex
 
 
 def bad_upload(case: str, base: BaseModelShape, seed: int, max_adapter_bytes: int) -> tuple[str, list]:
@@ -242,7 +242,7 @@ def bad_upload(case: str, base: BaseModelShape, seed: int, max_adapter_bytes: in
         "missing weights": lambda: multipart({CONFIG_FILE: good[CONFIG_FILE]}),
         "invalid id": lambda: multipart(good),
         "over --max-adapter-bytes": lambda: multipart({**good, WEIGHTS_FILE: bytes(max_adapter_bytes + 1024)}),
-        PATHOLOGICAL: lambda: with_config(rank_pattern={PATHOLOGICAL_REGEX: 2}),
+        "pathological rank_pattern": lambda: with_config(rank_pattern={PATHOLOGICAL_REGEX: 2}),
     }
     return ("../etc" if case == "invalid id" else f"bad-{seed}"), build[case]()
 
