@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from switchboard.serving.adapter_metrics import AdapterTiers, AdapterUsage, DeviceStats, HostStats, StoreStats
+from switchboard.serving.adapters.metrics import AdapterTiers, AdapterUsage, DeviceStats, HostStats, StoreStats
 from switchboard.serving.engine.request import RequestOutput
 
 logger = logging.getLogger(__name__)

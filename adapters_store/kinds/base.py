@@ -171,6 +171,10 @@ class Adapter(Protocol):
         """Undo `merge` (exactly up to rounding when `merge_exact`)."""
         ...
 
+    def merge_bias(self, bias: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        """The module's bias after merging (additive deltas leave it; (IA)3 output scaling scales it)."""
+        ...
+
 
 # ---- reading a PEFT directory -------------------------------------------------------------------------------
 

@@ -132,6 +132,9 @@ class KronaAdapter:
     def unmerge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         return merge_additive(self, weight, layer, module, -1.0)
 
+    def merge_bias(self, bias: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        return bias  # an additive delta of the weight leaves the bias as it is
+
 
 def factor_layout(file: WeightsFile, keys: dict[str, str], factor: str, r: int) -> FactorLayout:
     """Check how `factor` ("lokr_w1" or "lokr_w2") of one module is stored, from the header only."""

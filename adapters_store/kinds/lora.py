@@ -139,6 +139,9 @@ class LoraAdapter:
     def unmerge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         return merge_additive(self, weight, layer, module, -1.0)
 
+    def merge_bias(self, bias: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        return bias  # an additive delta of the weight leaves the bias as it is
+
 
 def check_config(config: dict[str, Any]) -> None:
     """Refuse LoRA options whose semantics differ from plain `W + s B A` on the unmodified base."""

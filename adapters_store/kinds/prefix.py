@@ -103,5 +103,8 @@ class PrefixAdapter:
     def unmerge(self, weight: torch.Tensor, layer: int, module: str) -> torch.Tensor:
         raise self._cannot_merge()
 
+    def merge_bias(self, bias: torch.Tensor, layer: int, module: str) -> torch.Tensor:
+        raise self._cannot_merge()
+
     def _cannot_merge(self) -> AdapterError:
         return AdapterError(f"{self.name}: a prefix adapter adds key/value positions and cannot be merged into weights")

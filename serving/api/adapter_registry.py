@@ -35,10 +35,10 @@ from switchboard.adapters_store.store import (
     check_adapter_id,
     version_key,
 )
+from switchboard.serving.adapters.host_cache import HostCache
 from switchboard.serving.api.auth import Tenant
 from switchboard.serving.api.errors import ApiError, bad_request
 from switchboard.serving.config import ServeConfig
-from switchboard.serving.host_cache import HostCache
 
 UPLOAD_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 

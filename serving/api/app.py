@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.store import AdapterStore
-from switchboard.serving.adapter_metrics import DeviceStats
+from switchboard.serving.adapters.host_cache import HostCache
+from switchboard.serving.adapters.metrics import DeviceStats
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
@@ -46,7 +47,6 @@ from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionReq
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.request import RequestOutput, SamplingParams
-from switchboard.serving.host_cache import HostCache
 from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
 
 # Status for a client that went away before its (non-streamed) response was ready; nobody reads it, the metrics do.

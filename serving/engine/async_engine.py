@@ -160,14 +160,14 @@ class AsyncEngine:
         self._commands.put(_Retire(adapter_id))
 
     def adapter_stats(self) -> AdapterStats:
-        slots = self.engine.adapter_slots
+        slots = self.engine.served_adapters.stats()
         sched = self.engine.scheduler
         return AdapterStats(
             max_resident=slots.max_resident,
-            resident=slots.num_resident(),
-            loads=slots.num_loads,
-            hits=slots.num_hits,
-            evictions=slots.num_evictions,
+            resident=slots.resident,
+            loads=slots.loads,
+            hits=slots.hits,
+            evictions=slots.evictions,
             running=sorted({s.adapter_id for s in list(sched.running) if s.adapter_id is not None}),
             waiting=sorted({s.adapter_id for s in list(sched.waiting) if s.adapter_id is not None}),
         )

@@ -10,19 +10,12 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from switchboard.adapters_store.kinds import (
-    Adapter,
-    AdapterKind,
-    BaseModelShape,
-    IA3Adapter,
-    PrefixAdapter,
-    load_adapter,
-)
+from switchboard.adapters_store.kinds import Adapter, BaseModelShape, PrefixAdapter, load_adapter
 from switchboard.kernels.backend import default_backend, get_kernels
 from switchboard.kernels.cpu_adapters import compiled_adapters_available
 from switchboard.kernels.paged_attention import compiled_paged_attention_available
 
-from ..adapter_cache import AdapterSlots
+from ..adapters import ServedAdapters, merge_into
 from ..config import ServeConfig
 from ..models.attention import KVCache
 from ..models.config import ModelConfig
@@ -37,10 +30,6 @@ from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
-
-
-class UnknownAdapter(KeyError):
-    """A request named an adapter this engine does not hold."""
 
 
 @dataclass(slots=True)
@@ -94,26 +83,23 @@ class LLMEngine:
         self.adapters = self._load_adapters(config)
         self.merged_adapter = self._merge(config.merge_adapter)
         # Slots exist even without start-up adapters: uploads register adapters while serving.
-        self.adapter_slots = AdapterSlots(
+        self.served_adapters = ServedAdapters(
             self.adapters,
             self.model.linears(),
             config.max_resident_adapters,
             config.torch_dtype,
             self.device,
+            get_kernels(default_backend(self.device)),
             code_lora_slots=config.code_lora_slots,
         )
-        self.adapter_slots.on_evict = self._on_evict
-        self._adapter_users: dict[str, int] = {}  # adapter -> sequences (waiting or running) that use it
-        self._retired: set[str] = set()  # adapters to drop once their last sequence ends (old versions, deleted)
-        kernels = get_kernels(default_backend(self.device))
         self.scheduler = Scheduler(
             self.blocks,
             config.max_num_seqs,
             config.max_batch_tokens,
             on_admit=self._acquire_adapter,
-            on_release=self._release_adapter,
+            on_release=self.served_adapters.release,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.adapter_slots, kernels)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, self.served_adapters)
         if self.device.type == "cpu":
             # Build (or load) the compiled CPU kernels now, not inside the first request (~10 s cold each).
             compiled_paged_attention_available()
@@ -143,95 +129,36 @@ class LLMEngine:
         )
 
     def _merge(self, name: str | None) -> Adapter | None:
-        """Fold one LoRA, KronA or (IA)3 adapter into the base weights; the engine then serves that adapter only."""
+        """`--merge-adapter`: fold one start-up adapter into the base weights; the engine then serves it only."""
         if name is None:
             return None
         adapter = self.adapters.pop(name, None)
         if adapter is None:
             raise ValueError(f"--merge-adapter {name!r} is not one of the --adapter names")
-        if adapter.kind is AdapterKind.PREFIX:
-            raise ValueError(f"--merge-adapter {name!r}: a prefix adapter cannot be merged into weights")
-        linears = {(lin.layer_idx, part.name): (lin, part) for lin in self.model.linears() for part in lin.parts}
-        with torch.no_grad():
-            for layer, module in adapter.modules():
-                lin, part = linears[(layer, module)]
-                rows = lin.weight.data[part.start : part.stop]
-                rows.copy_(adapter.merge(rows.clone(), layer, module))
-                if isinstance(adapter, IA3Adapter) and lin.bias is not None:  # output scaling scales the bias too
-                    b = lin.bias.data[part.start : part.stop]
-                    b.copy_(adapter.merge_bias(b.clone(), layer, module))
+        merge_into(self.model.linears(), adapter)
         return adapter
-
-    def register_adapter(self, adapter: Adapter) -> None:
-        """Make an adapter parsed while serving (an upload) usable by requests; between steps only."""
-        self._retired.discard(adapter.name)
-        if adapter.name not in self.adapter_slots.adapters:
-            self.adapter_slots.register(adapter)
 
     def retire_adapter(self, name: str) -> None:
         """An old version or a deleted adapter: running requests finish on it, then it leaves the slots."""
-        if name in self.adapters:  # start-up adapters stay
-            return
-        self._retired.add(name)
-        self._maybe_forget(name)
+        self.served_adapters.retire(name)
 
     def registered_adapters(self) -> list[str]:
-        return list(self.adapter_slots.adapters)
-
-    def _maybe_forget(self, name: str) -> None:
-        """Drop `name` from the slots once no sequence uses it and it is retired or no longer resident."""
-        slots = self.adapter_slots
-        if name in self.adapters or self._adapter_users.get(name, 0) or name not in slots.adapters:
-            return
-        if name in self._retired or not slots.is_resident(name):
-            slots.forget(name)
-            self._retired.discard(name)
-
-    def _on_evict(self, name: str) -> None:
-        """A slot went to another adapter: drop the evicted one unless a waiting sequence still needs it (the host
-        tier keeps its parsed copy; the API re-sends it with the next request)."""
-        self._maybe_forget(name)
-
-    def _seq_done(self, seq: Sequence) -> None:
-        name = seq.adapter_id
-        if name is None or seq.adapter_kind is None:
-            return
-        left = self._adapter_users.get(name, 0) - 1
-        if left > 0:
-            self._adapter_users[name] = left
-            return
-        self._adapter_users.pop(name, None)
-        self._maybe_forget(name)
+        return self.served_adapters.registered()
 
     def _acquire_adapter(self, seq: Sequence) -> bool:
-        if seq.adapter_kind is None:
-            return True
-        assert seq.adapter_id is not None
         try:
-            slot = self.adapter_slots.acquire(seq.adapter_id)
+            return self.served_adapters.acquire(seq)
         except Exception as exc:  # this adapter cannot be loaded: its sequence fails after `schedule`, not the step
             log.exception("loading adapter %s into a device slot failed", seq.adapter_id)
             self._failed_admissions.append((seq, f"internal error loading adapter {seq.adapter_id!r}: {exc}"))
             return False
-        if slot is None:
-            return False  # every slot of its kind is held by running sequences: wait
-        seq.adapter_slot = slot
-        return True
-
-    def _release_adapter(self, seq: Sequence) -> None:
-        if seq.adapter_kind is not None and seq.adapter_slot >= 0:
-            assert seq.adapter_id is not None
-            self.adapter_slots.release(seq.adapter_id)
-            seq.adapter_slot = -1
 
     def _write_prefix(self, seq: Sequence) -> None:
         """Write a newly admitted prefix sequence's virtual keys and values into its first cache positions."""
         if seq.prefix_len == 0 or seq.prefix_written:
             return
-        assert seq.adapter_id is not None
-        kv = self.adapter_slots.prefix_kv[seq.adapter_id]  # [layers, 2, P, kv_heads, head_dim]
         slots = torch.tensor([self.blocks.slot(seq, p) for p in range(seq.prefix_len)], device=self.device)
-        self.kv_cache.data[:, :, slots] = kv.to(self.kv_cache.data.dtype)  # the cache may be float32
+        self.served_adapters.write_prefix(seq, self.kv_cache.data, slots)
         seq.prefix_written = True
 
     # ---- requests -------------------------------------------------------------------------------------------
@@ -254,18 +181,11 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(prompt_token_ids)} tokens; the context window is {self.max_model_len}"
             )
-        kind, prefix_len = None, 0
+        served, prefix_len = None, 0
         if adapter_id is not None and (self.merged_adapter is None or adapter_id != self.merged_adapter.name):
-            known = self.adapter_slots.adapters.get(adapter_id)
-            if known is None and adapter is not None and adapter.name == adapter_id:
-                self.register_adapter(adapter)
-                known = adapter
-            if known is None:
-                raise UnknownAdapter(adapter_id)
-            adapter = known
-            kind = adapter.kind
-            if isinstance(adapter, PrefixAdapter):
-                prefix_len = adapter.num_virtual_tokens
+            served = self.served_adapters.resolve(adapter_id, adapter)
+            if isinstance(served, PrefixAdapter):
+                prefix_len = served.num_virtual_tokens
         if prefix_len + len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_token_ids)} tokens and the adapter {prefix_len} virtual tokens; "
@@ -285,14 +205,13 @@ class LLMEngine:
                     params=params,
                     detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_token_ids, params.stop),
                     adapter_id=adapter_id,
-                    adapter_kind=kind,
+                    adapter=served,
+                    adapter_kind=None if served is None else served.kind,
                     prefix_len=prefix_len,
                     generator=generator,
                     tenant=tenant,
                 )
             )
-        if kind is not None:
-            self._adapter_users[adapter_id] = self._adapter_users.get(adapter_id, 0) + len(seqs)
         self._requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -302,7 +221,6 @@ class LLMEngine:
         for seq in self._requests.pop(request_id, []):
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
-                self._seq_done(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -388,7 +306,6 @@ class LLMEngine:
         )
         seq.pending_token_ids, seq.pending_logprobs = [], []
         if finished:
-            self._seq_done(seq)
             seqs = self._requests.get(seq.request_id, [])
             if all(s.is_finished for s in seqs):
                 self._requests.pop(seq.request_id, None)
@@ -424,7 +341,9 @@ class LLMEngine:
                 self._write_prefix(s.seq)
             ids, positions, meta, _ = self.runner.prepare(plan)
             with torch.inference_mode():
-                hidden = self.model(ids, positions, self.kv_cache.data, meta, self.runner.adapter_batch(plan))
+                hidden = self.model(
+                    ids, positions, self.kv_cache.data, meta, self.served_adapters.batch(plan.scheduled)
+                )
                 return self.model.logits(hidden)
         finally:
             self.abort_request(rid)

@@ -4,59 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from switchboard.adapters_store.kinds import AdapterKind
-from switchboard.kernels.backend import AdapterKernels
-
-from ..adapter_cache import AdapterSlots
+from ..adapters import ServedAdapters
 from ..models.attention import AttentionMetadata, KVCache, build_group
-from ..models.linear import LinearDeltas
 from ..models.llama import LlamaModel
-from .adapter_batch import AdapterBatch
-from .scheduler import ScheduledSeq, SchedulerOutput
-
-# Kinds that act inside the linears (prefix acts through the KV cache instead).
-LINEAR_KINDS = (AdapterKind.LORA, AdapterKind.KRONA, AdapterKind.IA3)
+from .scheduler import SchedulerOutput
 
 
 class ModelRunner:
     def __init__(
-        self,
-        model: LlamaModel,
-        kv_cache: KVCache,
-        device: torch.device,
-        adapter_slots: AdapterSlots | None = None,
-        kernels: AdapterKernels | None = None,
+        self, model: LlamaModel, kv_cache: KVCache, device: torch.device, adapters: ServedAdapters | None = None
     ) -> None:
         self.model = model
-        self.adapter_slots = adapter_slots
-        self.kernels = kernels
+        self.adapters = adapters
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
-        self._last_batch: tuple[tuple[object, ...], AdapterBatch | None] | None = None  # (key, batch) of the last step
-
-    def adapter_batch(self, step: SchedulerOutput) -> LinearDeltas | None:
-        """The step's per-token adapter slots per kind, as segments shared by every linear; None if unused."""
-        if self.adapter_slots is None or self.kernels is None:
-            return None
-        scheduled = step.scheduled
-        # The batch is a pure function of this key, and steady decoding repeats it step after step: reuse it then
-        # (building the segments is about 0.1 ms a step; slot weights are looked up live, so reuse stays exact).
-        key = tuple((s.seq.adapter_kind, s.seq.adapter_slot, s.num_tokens) for s in scheduled)
-        if self._last_batch is not None and self._last_batch[0] == key:
-            return self._last_batch[1]
-        batch = self._build_adapter_batch(scheduled)
-        self._last_batch = (key, batch)
-        return batch
-
-    def _build_adapter_batch(self, scheduled: list[ScheduledSeq]) -> AdapterBatch | None:
-        if not any(s.seq.adapter_kind in LINEAR_KINDS for s in scheduled):
-            return None
-        token_slots: dict[AdapterKind, list[int]] = {kind: [] for kind in LINEAR_KINDS}
-        for s in scheduled:
-            for kind, slots in token_slots.items():
-                slots.extend([s.seq.adapter_slot if s.seq.adapter_kind is kind else -1] * s.num_tokens)
-        return AdapterBatch(self.adapter_slots, self.kernels, token_slots, self.device)
 
     def prepare(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """input_ids [T], positions [T], attention metadata, and the token rows whose logits are sampled."""
@@ -98,5 +60,6 @@ class ModelRunner:
     def run(self, step: SchedulerOutput) -> torch.Tensor:
         """Logits [N, vocab] (float32) for the scheduled sequences that sample, in `step.scheduled` order."""
         input_ids, positions, meta, sample_rows = self.prepare(step)
-        hidden = self.model(input_ids, positions, self.kv_cache.data, meta, self.adapter_batch(step))
+        deltas = None if self.adapters is None else self.adapters.batch(step.scheduled)
+        hidden = self.model(input_ids, positions, self.kv_cache.data, meta, deltas)
         return self.model.logits(hidden[sample_rows])

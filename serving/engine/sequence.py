@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from switchboard.adapters_store.kinds import AdapterKind
+from switchboard.adapters_store.kinds import Adapter, AdapterKind
 
 from .detokenizer import IncrementalDetokenizer
 from .request import FinishReason, SamplingParams, TokenLogprob
@@ -28,6 +28,7 @@ class Sequence:
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     adapter_id: str | None = None
+    adapter: Adapter | None = None  # the parsed adapter it runs on (None: the base model or a merged adapter)
     adapter_kind: AdapterKind | None = None
     adapter_slot: int = -1  # device slot of its adapter while running (-1: none, or not resident)
     prefix_len: int = 0  # cache positions filled by a prefix adapter before the first real token

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from switchboard.serving.adapter_metrics import AdapterUsage
+from switchboard.serving.adapters.metrics import AdapterUsage
 from switchboard.serving.cli import main
 
 from .adapter_files import tree_digest

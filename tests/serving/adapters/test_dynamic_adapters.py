@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.adapters_store.kinds import load_adapter
+from switchboard.adapters_store.kinds import AdapterKind, load_adapter
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
 from switchboard.serving.engine.request import SamplingParams
@@ -44,7 +44,7 @@ def test_registering_while_serving_matches_start_up_registration(
         while engine.has_unfinished():
             tokens += [t for out in engine.step() for t in out.new_token_ids]
         got.append(tokens)
-    assert engine.adapter_slots.lora_rank == 16
+    assert engine.served_adapters.layouts[AdapterKind.LORA].rank == 16
     assert got == expected
     # and all of them again in one mixed batch, over 2 slots per kind
     names = [f"up/{n}" for n in ORDER]
@@ -68,7 +68,7 @@ def test_retired_version_leaves_once_its_request_ends(tiny_model_dir: Path, peft
     while engine.has_unfinished():
         engine.step()
     assert old.name not in engine.registered_adapters()
-    assert engine.adapter_slots.num_resident() == 0
+    assert engine.served_adapters.stats().resident == 0
 
 
 def test_a_request_waiting_for_a_slot_does_not_block_others(

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from switchboard.adapters_store.kinds.base import AdapterError
+from switchboard.adapters_store.kinds.base import AdapterError, AdapterKind
 from switchboard.kernels.cpu_adapters import coded_slots_pay, compiled_adapters_available
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
@@ -69,7 +69,7 @@ def test_mixed_batch_of_every_kind_equals_each_request_alone(
     # All 16 together, with chunked prefill mixed into decodes and one device slot per kind (slots are reused).
     mixed_engine = _engine(tiny_model_dir, peft_adapters, max_batch_tokens=40, max_resident_adapters=1)
     assert mixed_engine.generate(prompts, GREEDY, adapter_ids) == alone
-    assert mixed_engine.adapter_slots.num_evictions > 0
+    assert mixed_engine.served_adapters.stats().evictions > 0
     together = _engine(tiny_model_dir, peft_adapters)
     assert together.generate(prompts, GREEDY, adapter_ids) == alone
     assert len({tuple(t) for t in alone}) > 8  # adapters give different continuations
@@ -78,12 +78,13 @@ def test_mixed_batch_of_every_kind_equals_each_request_alone(
 def test_a_steps_adapter_batch_is_reused_only_while_the_batch_is_the_same(
     engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    steps = engine.served_adapters.steps
     built = []
-    build = engine.runner._build_adapter_batch
-    monkeypatch.setattr(engine.runner, "_build_adapter_batch", lambda scheduled: built.append(1) or build(scheduled))
+    build = steps._build
+    monkeypatch.setattr(steps, "_build", lambda scheduled: built.append(1) or build(scheduled))
     batches = []
-    run = engine.runner.adapter_batch
-    monkeypatch.setattr(engine.runner, "adapter_batch", lambda step: batches.append(run(step)) or batches[-1])
+    run = steps.batch
+    monkeypatch.setattr(steps, "batch", lambda scheduled: batches.append(run(scheduled)) or batches[-1])
     # Two requests whose prompts take one prefill step, then 5 decode steps of the same two tokens; the shorter one
     # ends after 2 decode steps, which changes the batch.
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 3)]
@@ -198,7 +199,11 @@ def test_coded_lora_slots_give_the_same_tokens(tiny_model_dir: Path, peft_adapte
             code_lora_slots=code,
         )
         engine = LLMEngine(config)
-        packed = [p.compiled for p in engine.adapter_slots.lora_packed.values() if p.compiled is not None]
+        packed = [
+            p.compiled
+            for p in engine.served_adapters.layouts[AdapterKind.LORA].packed.values()
+            if p.compiled is not None
+        ]
         coded = code and compiled_adapters_available() and coded_slots_pay()
         assert packed or not compiled_adapters_available()
         assert all(bool(c.coded) == coded for c in packed)

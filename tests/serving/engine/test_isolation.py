@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from switchboard.adapters_store.kinds import AdapterKind
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine import sampler
 from switchboard.serving.engine.llm_engine import LLMEngine
@@ -199,9 +200,10 @@ def test_a_sampling_failure_fails_alone_and_seeded_draws_are_unchanged(
 
 
 def test_an_adapter_that_fails_to_load_fails_alone(engine: LLMEngine, batch, reference, monkeypatch) -> None:
-    slots = engine.adapter_slots
-    load = slots._load
-    monkeypatch.setattr(slots, "_load", lambda a, slot: _fault() if a.name == "lora-unloadable" else load(a, slot))
+    slots = engine.served_adapters
+    layout = slots.layouts[AdapterKind.LORA]
+    load = layout.load
+    monkeypatch.setattr(layout, "load", lambda a, slot: _fault() if a.name == "lora-unloadable" else load(a, slot))
     tokens, final = run(engine, _with_faulty(batch, Req("bad", _prompt(45), FAULTY, "lora-unloadable")))
     _check(tokens, final, reference, "bad", "lora-unloadable")
     assert not slots.is_resident("lora-unloadable")  # no half-loaded slot is left for the next request
