@@ -23,25 +23,22 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
+from peft import LoraConfig, PeftConfig
 from safetensors.torch import load_file, save_file
 
 from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION
 from switchboard.serving.config import ServeConfig
-from switchboard.serving.demo_adapters import build_adapter
+from switchboard.serving.demo_adapters import build_adapter, demo_configs
 from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
 from switchboard.serving.engine.request import SamplingParams
 
 from .engine import hf_generate, make_prompts
 
-PREFIX_TOKENS = 8
+# KronA, (IA)3 and prefix as the demo adapters configure them (one source: serving/demo_adapters.py).
 OTHER_FAMILIES: dict[str, PeftConfig] = {
-    "krona": LoKrConfig(r=8, alpha=8, target_modules=list(ATTENTION), init_weights=False),
-    "ia3": IA3Config(
-        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
-    ),
-    "prefix": PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS, task_type="CAUSAL_LM"),
+    kind: config for name, config in demo_configs().items() if (kind := name.removeprefix("demo-")) != "lora"
 }
+PREFIX_TOKENS = OTHER_FAMILIES["prefix"].num_virtual_tokens
 
 
 def adapter_families(lora_ranks: list[int]) -> dict[str, PeftConfig]:

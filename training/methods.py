@@ -6,36 +6,20 @@ from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConf
 from peft.tuners.lokr.layer import factorization
 from transformers import PretrainedConfig
 
+from switchboard.adapters_store.kinds.base import ALL_LINEAR, BaseModelShape
+
 from .config import TrainConfig, TrainKind
-
-
-def _linear_dims(model_config: PretrainedConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every Llama-family projection."""
-    hidden, ff = model_config.hidden_size, model_config.intermediate_size
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
-    kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
-    q = heads * head_dim
-    return {
-        "q_proj": (hidden, q),
-        "k_proj": (hidden, kv),
-        "v_proj": (hidden, kv),
-        "o_proj": (q, hidden),
-        "gate_proj": (hidden, ff),
-        "up_proj": (hidden, ff),
-        "down_proj": (ff, hidden),
-    }
 
 
 def krona_rank(cfg: TrainConfig, model_config: PretrainedConfig) -> int:
     """The smallest LoKr `r` for which PEFT keeps w2 a full matrix on every target (it factors w2 when
     r < max(w2 dims) / 2; w1 is always full without decompose_both): KronA's two full Kronecker factors."""
-    dims = _linear_dims(model_config)
+    shape = BaseModelShape.from_hf_config(model_config.to_dict())
     need = 1
     for name in cfg.target_modules or ():
-        if name not in dims:
-            raise ValueError(f"--target-modules: unknown projection {name!r}; choose from {', '.join(dims)}")
-        d_in, d_out = dims[name]
+        if name not in ALL_LINEAR:
+            raise ValueError(f"--target-modules: unknown projection {name!r}; choose from {', '.join(ALL_LINEAR)}")
+        d_out, d_in = shape.module_shape(name)
         w2 = (factorization(d_out, cfg.decompose_factor)[1], factorization(d_in, cfg.decompose_factor)[1])
         need = max(need, -(-max(w2) // 2))
     return need
