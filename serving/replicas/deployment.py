@@ -34,6 +34,7 @@ from starlette.responses import Response, StreamingResponse
 
 from switchboard.serving.api.app import create_app
 from switchboard.serving.api.auth import Tenant
+from switchboard.serving.api.errors import ApiError
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.async_engine import AsyncEngine
 from switchboard.serving.metrics import PREFIX
@@ -89,7 +90,7 @@ class Replica:
         tenant, _, version = key.partition(":")
         ref = self.registry.lookup(Tenant(tenant), _adapter_id(version))
         if ref is not None and ref.key == version:
-            with contextlib.suppress(Exception):  # the request itself reports a version that fails to parse
+            with contextlib.suppress(ApiError):  # deleted meanwhile: the request itself answers 404
                 await asyncio.get_running_loop().run_in_executor(None, self.registry.parsed, ref)
         return key
 
@@ -201,15 +202,22 @@ class Router:
 
 
 async def _rest(parts: Any, start: ResponseStart) -> AsyncIterator[bytes]:
-    """The body after the start; a replica lost mid-stream ends an event stream with an error event."""
+    """The body after the start; a replica lost mid-stream ends an event stream with an error event. A client that
+    leaves ends the replica's generation too (cancelling the call, as one process's disconnect does)."""
+    finished = False
     try:
         async for chunk in parts:
             yield chunk
+        finished = True
     except (RayActorError, ActorUnavailableError):
+        finished = True
         logger.warning("replica lost while streaming a response")
         content_type = dict(start.headers).get(b"content-type", b"")
         if content_type.startswith(b"text/event-stream"):
             yield b"data: " + json.dumps(_error_body()).encode() + b"\n\n"
+    finally:
+        if not finished:
+            parts.cancel()
 
 
 def _error_body() -> dict[str, Any]:

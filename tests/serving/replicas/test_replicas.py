@@ -2,8 +2,8 @@
 replicas of one thread each behind Ray Serve's proxy, two tenants (`--api-keys`), one store directory.
 
 One server serves the module, in order: an upload served by both replicas and a delete retiring it everywhere,
-adapter affinity (8 adapters, each served by one replica; every key loaded once, from the replicas' own metrics), the
-loss of a replica under load, and last a clean stop of the whole Ray cluster.
+adapter affinity (8 adapters, each served by one replica; every key loaded once, from the replicas' own metrics), a
+client leaving a stream, the loss of a replica under load, and last a clean stop of the whole Ray cluster.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ pytestmark = pytest.mark.slow
 REPLICA = "x-switchboard-replica"
 ADMIN, TENANT = "key-admin", "key-tenant"
 NUM_ADAPTERS = 8
+LONG = 1900  # tokens: seconds of generation, were it left running after its client left
+METRICS_PUSH_S = 1.5  # a replica pushes its series every second
 STARTUP_TIMEOUT_S = 240  # a Ray cluster, the router and two replicas on two busy cores
 
 
@@ -44,7 +46,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     keys.write_text(f"{ADMIN} alice admin\n{TENANT} bob\n")
     run_build_kernels()  # once here (or already in this session), rather than by both replicas at once
     flags = ("--replicas", "2", "--num-threads", "1", "--dtype", "float32", "--kv-cache-gb", "0.05")
-    flags += ("--api-keys", str(keys), "--max-model-len", "256")
+    flags += ("--api-keys", str(keys), "--max-model-len", "2048")
     proc = ServeProcess(workdir, tiny_model_dir, *flags, startup_timeout_s=STARTUP_TIMEOUT_S)
     try:
         yield proc
@@ -88,7 +90,7 @@ def test_upload_is_served_by_both_replicas_and_delete_retires_it(server: ServePr
     time.sleep(2)  # alice's key reaches Serve's routing table: bob's new key then goes to the replica without keys
     second = complete(server.url, TENANT, "shared", max_tokens=8)
     assert second.status_code == 200, second.text
-    assert {first.headers[REPLICA], second.headers[REPLICA]} == set(_replica_pids(server))
+    assert first.headers[REPLICA] != second.headers[REPLICA]  # both replicas of the two
     assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TENANT)
@@ -130,6 +132,29 @@ def test_each_adapter_stays_on_one_replica(server: ServeProcess, adapters: list[
 def _loads_and_hits(counts: dict[tuple[str, str], float]) -> tuple[float, float]:
     loads = sum(v for (_, result), v in counts.items() if result == "load")
     return loads, sum(counts.values()) - loads
+
+
+def test_a_client_leaving_a_stream_ends_its_generation(server: ServeProcess, adapters: list[str]) -> None:
+    """A client that leaves mid-stream cancels the call through the router: the replica aborts the request, which
+    generates far fewer than its 1,900 tokens (the replicas' token counters say so once nothing runs)."""
+    before = _metric_sum(server.url, "switchboard_generation_tokens_total")
+    body = {"model": adapters[0], "prompt": "x", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.monotonic() + 60
+    while _metric_sum(server.url, "switchboard_num_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(METRICS_PUSH_S)  # the other replica's series are a push old
+    assert _metric_sum(server.url, "switchboard_num_requests_running") == 0
+    assert _metric_sum(server.url, "switchboard_generation_tokens_total") - before < LONG / 2
+
+
+def _metric_sum(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).text
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} ([0-9.e+]+)$", text, flags=re.MULTILINE))
 
 
 def test_killing_a_replica_loses_only_its_streams_in_flight(server: ServeProcess, adapters: list[str]) -> None:
@@ -190,7 +215,13 @@ def test_stop_shuts_ray_down(server: ServeProcess) -> None:
     assert not alive, [p.cmdline() for p in alive]
 
 
-def _replica_pids(server: ServeProcess) -> dict[str, int]:
-    """Replica id -> pid of the replicas alive now, from the lines each logs when ready."""
-    pids = dict(re.findall(r"switchboard: replica (\w+) pid (\d+) ready", server.log.read_text()))
-    return {replica: int(pid) for replica, pid in pids.items() if psutil.pid_exists(int(pid))}
+def _replica_pids(server: ServeProcess, count: int = 2) -> dict[str, int]:
+    """Replica id -> pid of `count` replicas alive now, from the line each logs when ready (Ray forwards a replica's
+    output to the driver's log a little late)."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = re.findall(r"switchboard: replica (\w+) pid (\d+) ready", server.log.read_text())
+        alive = {replica: int(pid) for replica, pid in found if psutil.pid_exists(int(pid))}
+        if len(alive) >= count or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
