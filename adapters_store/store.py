@@ -7,6 +7,11 @@ Layout under the store root:
   (temporary file, fsync, rename, fsync of the directory), so a reader sees the old or the new manifest, never half.
 - `tmp/`: uploads being written. A version becomes visible only by the manifest rename, so a process killed at any
   moment leaves at most a staging directory or an unreferenced blob; `open` removes both.
+- `.lock`: several processes (replicas, on one machine or on a shared filesystem) may open one store. Every change
+  reads the manifest, changes it and writes it under an exclusive `flock` of this file, and readers reload the
+  manifest whenever its file changed, so an upload through one process is visible to every other at its next
+  lookup. Each staging directory has a `tmp/<name>.lock` held while it is written: cleaning removes only staging
+  directories whose writer is gone.
 
 The store knows nothing of HTTP or the engine: callers validate a staged upload (`adapters_store.kinds`) before
 `commit`, and callers drop old versions from memory once `commit`/`delete` says which version left.
@@ -15,6 +20,7 @@ The store knows nothing of HTTP or the engine: callers validate a staged upload 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +36,7 @@ from pathlib import Path
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
 MANIFEST_FORMAT = 1
 ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 CHUNK = 1 << 20
@@ -184,12 +191,54 @@ class AdapterStore:
         self.tmp = self.root / "tmp"
         for d in (self.root, self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._lock_fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         self._deferred = False
-        self._entries: dict[tuple[str, str], StoredAdapter] = self._read_manifest()
-        self._clean()
+        self._manifest_stamp: tuple[int, int, int] | None = None
+        self._entries: dict[tuple[str, str], StoredAdapter] = {}
+        self.generation = 0  # bumped whenever the entries change (here or read from another process's write)
+        with self._exclusive():
+            self._clean()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._lock_fd)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This thread alone in this process, and this process alone among those sharing the store; the entries
+        are the manifest's current ones inside. Re-entrant (a batch holds it across its commits)."""
+        with self._lock:
+            if self._deferred:  # inside batch(): the lock is held and the entries are ahead of the manifest
+                yield
+                return
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self.refresh()
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # ---- start-up ---------------------------------------------------------------------------------------------
+    def _stamp(self) -> tuple[int, int, int] | None:
+        """What identifies the manifest file now: each write replaces it (a new inode), so a change shows."""
+        try:
+            st = os.stat(self.root / MANIFEST)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self) -> None:
+        """Reload the manifest if another process (or this one) replaced it since it was last read."""
+        with self._lock:
+            if self._deferred:
+                return
+            stamp = self._stamp()
+            if stamp != self._manifest_stamp or stamp is None:
+                self._entries = self._read_manifest()
+                self._manifest_stamp = stamp
+                self.generation += 1
+
     def _read_manifest(self) -> dict[tuple[str, str], StoredAdapter]:
         path = self.root / MANIFEST
         if not path.exists():
@@ -201,11 +250,18 @@ class AdapterStore:
         return {(e.owner, e.id): e for e in entries}
 
     def _clean(self) -> None:
-        """Remove what an interrupted process left: staging directories, temporary manifests, unreferenced blobs."""
+        """Remove what an interrupted process left: staging directories no writer holds, temporary manifests,
+        unreferenced blobs (under the exclusive lock: another process's commit is never half seen)."""
+        for lock in self.tmp.glob("*.lock"):
+            with _try_flock(lock) as free:
+                if free:
+                    shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+                    lock.unlink(missing_ok=True)
         for child in self.tmp.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.is_dir() and not child.with_suffix(".lock").exists():  # a staging directory of an older store
+                shutil.rmtree(child, ignore_errors=True)
         for child in self.root.glob(f".{MANIFEST}.*"):
-            child.unlink()
+            child.unlink(missing_ok=True)
         referenced = {e.sha256 for e in self._entries.values()}
         for blob in self.blobs.iterdir():
             if blob.name not in referenced:
@@ -213,12 +269,15 @@ class AdapterStore:
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def get(self, owner: str, adapter_id: str) -> StoredAdapter | None:
+        self.refresh()
         return self._entries.get((owner, adapter_id))
 
     def entries(self) -> list[StoredAdapter]:
+        self.refresh()
         return sorted(self._entries.values(), key=lambda e: (e.owner, e.id))
 
     def count(self, owner: str) -> int:
+        self.refresh()
         return sum(1 for o, _ in self._entries if o == owner)
 
     def path(self, entry: StoredAdapter) -> Path:
@@ -227,6 +286,7 @@ class AdapterStore:
 
     def size_bytes(self) -> int:
         """Bytes of the distinct versions on disk."""
+        self.refresh()
         seen: dict[str, int] = {e.sha256: e.size_bytes for e in self._entries.values()}
         return sum(seen.values())
 
@@ -237,11 +297,11 @@ class AdapterStore:
 
         A crash inside the batch loses all of it, never part of it: its blobs are unreferenced until that one write.
         """
-        self._deferred = True
-        try:
-            yield
-        finally:
-            with self._lock:
+        with self._exclusive():
+            self._deferred = True
+            try:
+                yield
+            finally:
                 self._deferred = False
                 self._write_manifest(self._entries)
 
@@ -249,11 +309,19 @@ class AdapterStore:
     def staging(self) -> Iterator[Staging]:
         """A fresh staging directory, removed on exit whatever happened (commit moves its content out first)."""
         path = self.tmp / uuid.uuid4().hex
-        path.mkdir()
+        # Locked before it gets the name that _clean looks for, so no other process can take it in between.
+        fresh = path.with_suffix(".new")
+        lock_fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # held while written: another process's _clean leaves it alone
+            fresh.rename(path.with_suffix(".lock"))
+            path.mkdir()
             yield Staging(path)
         finally:
             shutil.rmtree(path, ignore_errors=True)
+            path.with_suffix(".lock").unlink(missing_ok=True)
+            fresh.unlink(missing_ok=True)
+            os.close(lock_fd)
 
     def commit(
         self,
@@ -273,7 +341,7 @@ class AdapterStore:
         """
         check_adapter_id(adapter_id)
         sha = staging.sha256
-        with self._lock:
+        with self._exclusive():
             old = self._entries.get((owner, adapter_id))
             if old is not None and not overwrite:
                 raise StoreError(
@@ -308,27 +376,30 @@ class AdapterStore:
             entries = {**self._entries, (owner, adapter_id): entry}
             self._write_manifest(entries)
             self._entries = entries
+            self.generation += 1
             if old is not None and old.sha256 != sha:
                 self._drop_blob_if_unused(old.sha256)
             return entry, old
 
     def set_public(self, owner: str, adapter_id: str, public: bool) -> StoredAdapter:
-        with self._lock:
+        with self._exclusive():
             entry = self._require(owner, adapter_id)
             updated = replace(entry, public=public)
             entries = {**self._entries, (owner, adapter_id): updated}
             self._write_manifest(entries)
             self._entries = entries
+            self.generation += 1
             return updated
 
     def delete(self, owner: str, adapter_id: str) -> StoredAdapter:
         """Remove `(owner, adapter_id)`; its files go once no other entry shares the version (callers keep parsed
         copies for requests already running)."""
-        with self._lock:
+        with self._exclusive():
             entry = self._require(owner, adapter_id)
             entries = {k: v for k, v in self._entries.items() if k != (owner, adapter_id)}
             self._write_manifest(entries)
             self._entries = entries
+            self.generation += 1
             self._drop_blob_if_unused(entry.sha256)
             return entry
 
@@ -356,3 +427,23 @@ class AdapterStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.root / MANIFEST)
         _fsync_dir(self.root)
+        self._manifest_stamp = self._stamp()  # what this process wrote is what it holds: no reread
+
+
+@contextlib.contextmanager
+def _try_flock(path: Path) -> Iterator[bool]:
+    """Whether an exclusive lock of `path` could be had now (True: no live process holds it), held inside."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""The benchmark commands of `switchboard`: bench, bench-adapters, bench-train and profile.
+"""The benchmark commands of `switchboard`: bench, bench-adapters, bench-train, bench-replicas and profile.
 
 Registered through the `switchboard.commands` entry point (pyproject.toml), so that the server's command line
 offers them without importing a benchmark; each module is imported only when its command runs.
@@ -21,7 +21,22 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     _add_bench_adapters(sub)
     _add_bench_train(sub)
     _add_profile(sub)
-    return {"bench": _bench, "bench-adapters": _bench_adapters, "bench-train": _bench_train, "profile": _profile}
+    from .replicas import add_parser as add_bench_replicas
+
+    add_bench_replicas(sub)
+    return {
+        "bench": _bench,
+        "bench-adapters": _bench_adapters,
+        "bench-train": _bench_train,
+        "profile": _profile,
+        "bench-replicas": _bench_replicas,
+    }
+
+
+def _bench_replicas(args: argparse.Namespace) -> None:
+    from .replicas import run_bench_replicas
+
+    run_bench_replicas(args, model_dir(args.model))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -78,6 +78,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "lora_requests_info); off by default, since ids name tenants' adapters: usage is then split only into base "
         "and other. With --api-keys, /metrics needs an admin key either way",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="N engines on Ray Serve behind one endpoint, each request routed to a replica holding its adapter "
+        "(pip install 'switchboard[ray]'; docs/scaling.md); without it, one process and no Ray",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --replicas: join this Ray cluster (e.g. HEAD:6379 from `ray start --head`) instead of starting one",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -206,8 +218,15 @@ def _serve(args: argparse.Namespace) -> None:
         code_lora_slots=args.code_lora_slots,
         nf4_path=args.nf4_kernel,
         metrics_per_adapter=args.metrics_per_adapter,
+        replicas=args.replicas,
+        ray_address=args.ray_address,
         **store_settings(args),
     )
+    if config.replicas is not None or config.ray_address is not None:
+        from .replicas.launch import serve_replicas
+
+        serve_replicas(config)
+        return
     engine = AsyncEngine(config)
     stats = engine.stats()
     weights = engine.base_weight_bytes

@@ -61,6 +61,9 @@ class ServeConfig:
     # /metrics series labelled with adapter ids (which name tenants' adapters); off: usage as base/other only
     metrics_per_adapter: bool = False
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
+    # Replicas of the engine behind Ray Serve's proxy, routed by adapter (serving/replicas/); None: one process, no Ray
+    replicas: int | None = None
+    ray_address: str | None = None  # join this Ray cluster (`ray start --head` printed it); None: start a local one
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -81,6 +84,8 @@ class ServeConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         self.store = Path(self.store)
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError("--replicas must be at least 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError("--num-kv-blocks must be at least 2")
         if self.kv_cache_gb <= 0:

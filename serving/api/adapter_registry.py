@@ -93,17 +93,28 @@ class AdapterRegistry:
         self.retire = retire
         self._lock = threading.Lock()
         self._public: dict[str, StoredAdapter] = {}
+        self._public_generation = -1
         self._index_public()
 
     def _index_public(self) -> None:
+        """Rebuild the public index when the store changed, here or in another process sharing it (replicas); the
+        versions another process replaced or deleted are retired here too."""
+        self.store.refresh()
+        generation = self.store.generation  # read before the entries: a change after it shows at the next call
+        if generation == self._public_generation:
+            return
         public = {}
         for e in self.store.entries():
             if e.public:
                 public.setdefault(e.id, e)
-        self._public = public
+        gone = {e.key for e in self._public.values()} - {e.key for e in public.values()}
+        self._public, self._public_generation = public, generation
+        for key in gone:
+            self.host.drop(key)
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def lookup(self, tenant: Tenant, adapter_id: str) -> AdapterRef | None:
+        self._index_public()
         own = self.store.get(tenant.name, adapter_id)
         if own is not None:
             return AdapterRef(own.id, own.key, own.kind, own)
@@ -122,6 +133,7 @@ class AdapterRegistry:
         return ref
 
     def visible(self, tenant: Tenant) -> list[AdapterRef]:
+        self._index_public()
         refs: dict[str, AdapterRef] = {name: AdapterRef(name, name, kind, None) for name, kind in self.startup.items()}
         for e in self._public.values():
             refs.setdefault(e.id, AdapterRef(e.id, e.key, e.kind, e))

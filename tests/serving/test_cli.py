@@ -35,7 +35,7 @@ def test_unsupported_model_directory_fails_with_a_clear_message(tmp_path: Path) 
     assert "unsupported architecture GPT2LMHeadModel" in res.stderr and "llama, mistral, qwen2" in res.stderr
 
 
-@pytest.mark.parametrize("flag", ["--max-num-seqs=0", "--block-size=0"])
+@pytest.mark.parametrize("flag", ["--max-num-seqs=0", "--block-size=0", "--replicas=0"])
 def test_invalid_flags_are_refused(tiny_model_dir: Path, tmp_path: Path, flag: str) -> None:
     script = Path(sys.executable).with_name("switchboard")
     cmd = [str(script), "serve", "--model", str(tiny_model_dir), flag]
