@@ -20,8 +20,9 @@ shuffles straight into the registers of a column tile (`coded_tile`), whose sums
 so the output is the raw op's bit for bit. With 32 distinct adapters the op reads 0.76x the bytes and takes about
 0.8x the time (`switchboard.bench.stream`).
 
-Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the layout `serving/adapters/layouts/lora.py` allocates);
-the functions here take those storage tensors, not the transposed views the torch kernels take.
+Slots must be k-major (A stored as [S, in, W], each part's B as [S, r, out], the layout that
+serving/adapters/layouts/lora.py allocates); the functions here take those storage tensors, not the transposed views
+the torch kernels take.
 
 KronA. The torch path groups tokens by slot into a padded batch for two bmm's, with permutes between them: about
 eight small ops per projection for a few thousand multiply-adds per token. The C++ op groups tokens by slot as for

@@ -15,12 +15,12 @@ from starlette.requests import Request
 
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.store import AdapterStore
+from switchboard.serving.adapters.host_cache import HostCache
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.auth import Authenticator, read_api_keys
 from switchboard.serving.api.errors import ApiError
 from switchboard.serving.api.resolve import resolve_model
 from switchboard.serving.config import ServeConfig
-from switchboard.serving.host_cache import HostCache
 from switchboard.serving.replicas.asgi_call import HttpRequest
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
