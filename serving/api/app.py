@@ -83,7 +83,12 @@ class Engine(Protocol):
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    metrics = ServerMetrics(engine.stats, per_adapter=config.metrics_per_adapter)
+    metrics = ServerMetrics(
+        engine.stats,
+        per_adapter=config.metrics_per_adapter,
+        model_name=engine.model_name,
+        max_model_len=engine.max_model_len,
+    )
     metrics.base_weights(engine.base_weight_bytes, config.quantize)
     texts = TokenTexts(engine.tokenizer)
     created = int(time.time())
