@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from switchboard.adapters_store.kinds import (
     Adapter,
+    AdapterError,
     AdapterKind,
     BaseModelShape,
     IA3Adapter,
@@ -126,8 +127,14 @@ class LLMEngine:
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def _load_adapters(self, config: ServeConfig) -> dict[str, Adapter]:
-        """Every `--adapter NAME=DIR`, parsed and validated against the base model (AdapterError on problems)."""
-        return {name: load_adapter(path, self.base_shape, name) for name, path in config.adapters.items()}
+        """Every `--adapter NAME=DIR`, parsed and validated against the base model; an AdapterError names the flag."""
+        adapters = {}
+        for name, path in config.adapters.items():
+            try:
+                adapters[name] = load_adapter(path, self.base_shape, name)
+            except AdapterError as exc:
+                raise AdapterError(str(exc), f"--adapter {name}={path}") from exc
+        return adapters
 
     @property
     def base_shape(self) -> BaseModelShape:
