@@ -41,14 +41,6 @@ def _padded(rows: list[Seq[int]], pad: int, device: torch.device) -> torch.Tenso
     return torch.tensor(flat, dtype=torch.long, device=device).view(len(rows), width)
 
 
-def token_counts(rows: list[Seq[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """How often each token occurs in each row: [R, V] float32 (a scatter_add of ones over padded ids)."""
-    ids = _padded(rows, vocab_size, device)
-    counts = torch.zeros(len(rows), vocab_size + 1, device=device)
-    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
-    return counts[:, :vocab_size]
-
-
 def apply_penalties(
     logits: torch.Tensor,
     prompt_ids: list[Seq[int]],
@@ -60,15 +52,24 @@ def apply_penalties(
     """vLLM's penalties. logits [R, V]; prompt_ids, output_ids: R lists; repetition, frequency, presence [R].
 
     Semantics: repetition divides positive logits (multiplies negative ones) of every token seen in the prompt or
-    the output by `repetition`; frequency subtracts `frequency * count` and presence `presence * (count > 0)` of
-    the tokens in the output only."""
-    vocab = logits.shape[-1]
-    out_counts = token_counts(output_ids, vocab, logits.device)
-    seen = token_counts(prompt_ids, vocab, logits.device) > 0
-    seen |= out_counts > 0
-    r = torch.where(seen, repetition[:, None], torch.ones((), device=logits.device))
-    logits = torch.where(logits > 0, logits / r, logits * r)
-    return logits - frequency[:, None] * out_counts - presence[:, None] * (out_counts > 0)
+    the output by `repetition`; then presence subtracts `presence` once from each token in the output and frequency
+    `frequency` per occurrence there. Returns a new tensor.
+
+    Only the seen tokens' columns are touched (a gather and a scatter over [R, tokens] each), never a dense [R, V]
+    count: on a busy CPU every full-width op costs a thread synchronisation. Padding points at an extra column V, so
+    duplicate and padded indices write the same values and the scatters stay deterministic."""
+    rows, vocab = logits.shape
+    dev = logits.device
+    ext = torch.cat([logits, logits.new_zeros(rows, 1)], dim=1)  # [R, V + 1]; column V absorbs the padding
+    seen = _padded([[*p, *o] for p, o in zip(prompt_ids, output_ids, strict=True)], vocab, dev)  # [R, P + O]
+    values = ext.gather(1, seen)
+    r = repetition[:, None]
+    ext.scatter_(1, seen, torch.where(values > 0, values / r, values * r))
+    out = _padded(list(output_ids), vocab, dev)  # [R, O]
+    if out.shape[1]:
+        ext.scatter_(1, out, ext.gather(1, out) - presence[:, None])  # each token once, however often it occurs
+        ext.scatter_add_(1, out, (-frequency[:, None]).expand(out.shape).contiguous())
+    return ext[:, :vocab]
 
 
 def _scatter(
@@ -142,12 +143,16 @@ def process_logits(
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=logits.dtype, device=logits.device)
 
-        logits[index] = apply_penalties(
-            logits[index],
+        every = len(rows) == len(params)
+        penalized = apply_penalties(
+            logits if every else logits[index],
             [history[i].prompt for i in rows],
             [history[i].output for i in rows],
             column([p.repetition_penalty for p in ps]),
             column([p.frequency_penalty for p in ps]),
             column([p.presence_penalty for p in ps]),
         )
+        if every:
+            return penalized
+        logits[index] = penalized
     return logits
