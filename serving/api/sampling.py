@@ -54,7 +54,7 @@ def bad_words_token_ids(words: list[str], tokenizer: PreTrainedTokenizerBase) ->
 def vllm_fields(body: SamplingFields, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """The `SamplingParams` keyword arguments for vLLM's sampling fields of `body` (defaults where unset)."""
     vocab_size = len(tokenizer)
-    allowed = list(body.allowed_token_ids or ())
+    allowed = sorted(set(body.allowed_token_ids or ()))  # at most the vocabulary, however long the list
     if any(t >= vocab_size for t in allowed):
         bad = next(t for t in allowed if t >= vocab_size)
         raise bad_request(

@@ -54,6 +54,8 @@ PromptField = Annotated[
 ]
 
 
+MAX_BAD_WORDS = 1024
+BadWords = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_BAD_WORDS), FAIL_FAST]
 _LOGIT_BIAS: dict[str, Any] = {
     "type": "object",
     "propertyNames": {"pattern": "^[0-9]+$"},  # token ids
@@ -131,7 +133,8 @@ class SamplingFields(BaseModel):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     min_tokens: Annotated[Int, Field(ge=0)] = 0
     include_stop_str_in_output: bool = False
-    bad_words: Annotated[list[Annotated[str, Field(min_length=1)]], FAIL_FAST] | None = None
+    # Each step checks every bad word against the output's end: bounded, so that one request cannot stall the batch.
+    bad_words: BadWords | None = None
     allowed_token_ids: Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1), FAIL_FAST] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool | None = None

@@ -154,6 +154,7 @@ def test_echo_prompt_logprobs_equal_a_forward_pass(server, model_name: str, tiny
         ("completions", {"min_tokens": 20, "max_tokens": 5}, "min_tokens", "max_tokens"),
         ("completions", {"repetition_penalty": 0}, "repetition_penalty", ""),
         ("completions", {"presence_penalty": 3}, "presence_penalty", ""),
+        ("completions", {"bad_words": ["x"] * 1025}, "bad_words", ""),
         ("chat", {"echo": True}, "echo", "/v1/completions"),
         ("chat", {"priority": 1}, "priority", "no priorities"),
     ],
