@@ -76,6 +76,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hf-single", type=int, default=8, help="requests timed one at a time with transformers")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sampling", action="store_true", help="every vLLM penalty on beside plain greedy, no transformers")
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
 
 

@@ -88,6 +88,8 @@ def bench_dtype(model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[s
 
 
 def run_bench(args: argparse.Namespace, model_dir: Path) -> dict:
+    if args.sampling:
+        return run_sampling_bench(args, model_dir)
     results = {}
     for dtype in args.dtypes.split(","):
         print(f"[bench] {dtype}: running switchboard and transformers ...", flush=True)
@@ -110,3 +112,21 @@ def run_bench(args: argparse.Namespace, model_dir: Path) -> dict:
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nJSON: {args.out}")
     return report
+
+
+def run_sampling_bench(args: argparse.Namespace, model_dir: Path) -> dict:
+    """`--sampling`: every penalty on beside plain greedy (bench/sampling.py); no transformers run."""
+    from .sampling import bench_sampling, print_sampling
+
+    results = {}
+    for dtype in args.dtypes.split(","):
+        print(f"[bench] {dtype}: greedy and greedy with every penalty ...", flush=True)
+        results[dtype] = bench_sampling(model_dir, dtype, args)
+    workload = f"{args.num_requests} requests x {args.prompt_len} prompt tokens, {args.max_tokens} new tokens"
+    print(f"\n{workload}; {model_dir}")
+    print_sampling(results)
+    out = args.out.with_name("sampling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": str(model_dir), "results": results}, indent=2))
+    print(f"\nJSON: {out}")
+    return results

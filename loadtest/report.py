@@ -76,8 +76,7 @@ def summary_markdown(results: dict, plots: Sequence[str]) -> str:
     g = s["goodput"]
     lines += [
         "",
-        f"Goodput: {g['requests']} of {s['sent']} requests ({g['fraction']:.0%}) met the SLO "
-        f"(TTFT <= {_ms(g['slo_ttft_ms'])} ms, TPOT <= {_ms(g['slo_tpot_ms'])} ms; '-' means not checked).",
+        goodput_line(g, s["sent"]),
     ]
     if s["errors_by_status"]:
         lines += ["", "Errors by status: " + ", ".join(f"{k}: {v}" for k, v in s["errors_by_status"].items())]
@@ -104,3 +103,15 @@ def write_report(out: Path, results: dict, plots: Sequence[str]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     shutil.copyfile(SCHEMA_PATH, out / "results.schema.json")
     (out / "summary.md").write_text(summary_markdown(results, plots))
+
+
+def goodput_line(g: dict, sent: int) -> str:
+    """The goodput sentence, naming only the SLO bounds that were set (--slo-ttft-ms, --slo-tpot-ms)."""
+    limits = (("TTFT", "slo_ttft_ms"), ("TPOT", "slo_tpot_ms"))
+    bounds = [f"{name} <= {_ms(g[key])} ms" for name, key in limits if g[key] is not None]
+    if not bounds:
+        return (
+            f"Goodput: {g['requests']} of {sent} requests ({g['fraction']:.0%}) completed; no SLO was set "
+            "(--slo-ttft-ms, --slo-tpot-ms), so every completed request counts."
+        )
+    return f"Goodput: {g['requests']} of {sent} requests ({g['fraction']:.0%}) met the SLO ({', '.join(bounds)})."

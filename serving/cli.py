@@ -183,6 +183,12 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
             raise ValueError(f"--adapter expects NAME=DIR, got {spec!r}")
         if name in adapters:
             raise ValueError(f"--adapter {name!r} is given twice")
+        if not Path(path).is_dir():
+            what = "does not exist" if not Path(path).exists() else "is not a directory"
+            raise ValueError(
+                f"--adapter {name}={path}: {path} {what} (expected a PEFT adapter directory holding "
+                "adapter_config.json and adapter_model.safetensors)"
+            )
         adapters[name] = Path(path)
     return adapters
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server (`/metrics`), every one prefixed `switchboard_`.
+"""Prometheus metrics of one server (`/metrics`): ours, prefixed `switchboard_`, and vLLM's names beside them
+(vllm_metrics.py), recorded by the same timer.
 
 `ServerMetrics` owns its own `CollectorRegistry`, so several apps can live in one process (tests do). Latencies are
 recorded by a `GenerationTimer` per HTTP request; request counts by the ASGI `RequestCounter`; the scheduler's and the
@@ -18,7 +19,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from switchboard.serving.adapters.metrics import AdapterTiers, AdapterUsage, DeviceStats, HostStats, StoreStats
-from switchboard.serving.engine.request import RequestOutput
+from switchboard.serving.engine.request import RequestOutput, SamplingParams
+from switchboard.serving.vllm_metrics import VllmMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +99,19 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class ServerMetrics:
     """All metrics of one server, in one registry."""
 
-    def __init__(self, stats: Callable[[], StatsSource], *, per_adapter: bool = False) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], StatsSource],
+        *,
+        per_adapter: bool = False,
+        model_name: str = "",
+        max_model_len: int = 2048,
+    ) -> None:
         """`per_adapter`: export series labelled with adapter ids (`serve --metrics-per-adapter`); otherwise usage
-        is split only into `base` and `other` (every adapter) and no adapter id appears."""
+        is split only into `base` and `other` (every adapter) and no adapter id appears. `model_name` labels vLLM's
+        series; `max_model_len` bounds their token-count buckets."""
         self.registry = CollectorRegistry()
+        self.vllm = VllmMetrics(self.registry, stats, model_name, max_model_len)
         self.per_adapter = per_adapter
         self.requests = Counter(
             PREFIX + "requests",
@@ -171,26 +182,46 @@ class GenerationTimer:
         self._arrival = time.perf_counter() if arrival is None else arrival
         self._first_token_of_prompt: set[int] = set()
         self._first_token_at: dict[int, float] = {}  # choice -> time of its first token
+        self._last_token_at: dict[int, float] = {}  # choice -> time of its latest token
         self.adapter: str | None = None  # the adapter's metrics label (None: the base model)
 
-    def admitted(self, prompt_lengths: list[int]) -> None:
+    def admitted(self, prompt_lengths: list[int], params: SamplingParams | None = None) -> None:
         self._metrics.prompt_tokens.inc(sum(prompt_lengths))
         self._metrics.adapter_usage.record(self.adapter, requests=1, prompt_tokens=sum(prompt_lengths))
+        vllm = self._metrics.vllm
+        vllm.prompt_tokens.inc(sum(prompt_lengths) * (params.n if params is not None else 1))
+        if params is not None:
+            for _ in prompt_lengths:
+                vllm.request_params_n.observe(params.n)
+                vllm.request_params_max_tokens.observe(params.max_tokens)
 
     def on_output(self, prompt_index: int, choice: int, output: RequestOutput) -> None:
         if not output.new_token_ids and not output.finished:
             return
         now = time.perf_counter()
+        vllm = self._metrics.vllm
         self._metrics.generation_tokens.inc(len(output.new_token_ids))
+        vllm.generation_tokens.inc(len(output.new_token_ids))
         self._metrics.adapter_usage.record(self.adapter, generation_tokens=len(output.new_token_ids))
         if output.new_token_ids and prompt_index not in self._first_token_of_prompt:
             self._first_token_of_prompt.add(prompt_index)
             self._metrics.time_to_first_token.observe(now - self._arrival)
+            vllm.time_to_first_token.observe(now - self._arrival)
         if output.new_token_ids:
             self._first_token_at.setdefault(choice, now)
+            last = self._last_token_at.get(choice)
+            if last is not None:  # vLLM: one interval per later token
+                for _ in output.new_token_ids:
+                    vllm.time_per_output_token.observe((now - last) / len(output.new_token_ids))
+            self._last_token_at[choice] = now
         if output.finished and output.completion_tokens > 1 and choice in self._first_token_at:
             elapsed = now - self._first_token_at[choice]
             self._metrics.time_per_output_token.observe(elapsed / (output.completion_tokens - 1))
+        if output.finished:
+            vllm.finished(output.finish_reason.value if output.finish_reason is not None else "stop")
+            vllm.e2e_request_latency.observe(now - self._arrival)
+            vllm.request_prompt_tokens.observe(output.prompt_tokens)
+            vllm.request_generation_tokens.observe(output.completion_tokens)
 
     def completed(self) -> None:
         self._metrics.e2e_request_latency.observe(time.perf_counter() - self._arrival)

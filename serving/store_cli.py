@@ -51,8 +51,16 @@ def add_upload_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public", action="store_true", help="publish to every tenant (admin keys only)")
 
 
+def server_root(url: str) -> str:
+    """The server's root URL: a trailing `/v1` (the `base_url` an OpenAI client takes) is dropped, so that the upload
+    goes to `/v1/adapters`, not `/v1/v1/adapters`."""
+    url = url.rstrip("/")
+    return url.removesuffix("/v1")
+
+
 def run_upload(args: argparse.Namespace) -> int:
-    """POST the directory as multipart; prints the server's JSON answer. Exit status 0 on 201, 1 otherwise."""
+    """POST the directory as multipart; prints the server's JSON answer. Exit status 0 on 201, 1 otherwise (also
+    when the server cannot be reached: one line saying so, no traceback)."""
     import httpx
 
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -66,14 +74,15 @@ def run_upload(args: argparse.Namespace) -> int:
             CONFIG_FILE: (CONFIG_FILE, config, "application/json"),
             WEIGHTS_FILE: (WEIGHTS_FILE, weights, "application/octet-stream"),
         }
-        resp = httpx.post(
-            f"{args.url.rstrip('/')}/v1/adapters",
-            data={"adapter_id": args.adapter_id},
-            files=files,
-            params=params,
-            headers=headers,
-            timeout=600,
-        )
+        url = f"{server_root(args.url)}/v1/adapters"
+        try:
+            resp = httpx.post(
+                url, data={"adapter_id": args.adapter_id}, files=files, params=params, headers=headers, timeout=600
+            )
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            print(f"switchboard: upload failed: cannot reach {url}: {reason}; is the server running?", file=sys.stderr)
+            return 1
     try:
         body: Any = resp.json()
     except json.JSONDecodeError:

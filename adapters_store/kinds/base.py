@@ -182,7 +182,7 @@ class Adapter(Protocol):
 def adapter_files(path: Path) -> tuple[Path, Path]:
     """The config and weights files of a PEFT directory, refusing pickle-only directories."""
     if not path.is_dir():
-        raise AdapterError("not a directory", path.name)
+        raise AdapterError("not a directory", str(path))
     config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config.is_file():
         raise AdapterError("missing (a PEFT adapter directory needs adapter_config.json)", CONFIG_FILE)

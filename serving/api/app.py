@@ -41,8 +41,10 @@ from switchboard.serving.api.responses import (
     CompletionFormat,
     ResponseFormat,
     TokenTexts,
+    echo_prompts,
     usage,
 )
+from switchboard.serving.api.sampling import vllm_fields
 from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
@@ -81,7 +83,12 @@ class Engine(Protocol):
 
 
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
-    metrics = ServerMetrics(engine.stats, per_adapter=config.metrics_per_adapter)
+    metrics = ServerMetrics(
+        engine.stats,
+        per_adapter=config.metrics_per_adapter,
+        model_name=engine.model_name,
+        max_model_len=engine.max_model_len,
+    )
     metrics.base_weights(engine.base_weight_bytes, config.quantize)
     texts = TokenTexts(engine.tokenizer)
     created = int(time.time())
@@ -160,7 +167,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             events = stream_events(generation, fmt, texts, header, body.include_usage)
             return EventStreamResponse(events, on_close=generation.aclose)
         try:
-            states = await unless_disconnected(request, _collect(generation, texts))
+            states = await unless_disconnected(request, _collect(generation, fmt, texts))
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
@@ -174,16 +181,18 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             }
         )
 
-    def completion_inputs(body: CompletionRequest, max_tokens: int) -> list[list[int]]:
-        """The prompts' token ids, each checked against the context (in the request worker)."""
+    def completion_inputs(body: CompletionRequest, max_tokens: int) -> tuple[list[list[int]], dict[str, Any]]:
+        """The prompts' token ids, each checked against the context, and vLLM's sampling fields (in the request
+        worker)."""
         budget = Budget(max_tokens, engine.max_model_len, what="prompt")
-        return completion_prompts(body.prompt, engine.tokenizer, budget)
+        return completion_prompts(body.prompt, engine.tokenizer, budget), vllm_fields(body, engine.tokenizer)
 
-    def chat_inputs(body: ChatCompletionRequest) -> tuple[list[int], int]:
-        """The rendered conversation's token ids and the completion's budget (in the request worker)."""
+    def chat_inputs(body: ChatCompletionRequest) -> tuple[list[int], int, dict[str, Any]]:
+        """The rendered conversation's token ids, the completion's budget and vLLM's sampling fields (in the request
+        worker)."""
         budget = Budget(body.requested_max_tokens(), engine.max_model_len, what="messages")
         prompt = chat_prompt(body.messages, engine.tokenizer, budget)
-        return prompt, budget.completion_tokens(len(prompt))
+        return prompt, budget.completion_tokens(len(prompt)), vllm_fields(body, engine.tokenizer)
 
     @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -192,9 +201,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         _refuse_unsupported(body)
         resolved = resolve(body, tenant)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        prompts = await worker.run(len(await request.body()), completion_inputs, body, max_tokens)
-        params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs)
-        fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None)
+        prompts, vllm = await worker.run(len(await request.body()), completion_inputs, body, max_tokens)
+        params = _sampling_params(
+            body, max_tokens=max_tokens, logprobs=body.logprobs, vllm=vllm, prompt_logprobs=body.prompt_logprobs_k()
+        )
+        echo = echo_prompts(body.prompt, prompts, engine.tokenizer, body.n) if body.echo else None
+        fmt = CompletionFormat(texts, wants_logprobs=body.logprobs is not None, echo=echo)
         return await serve(request, body, fmt, prompts, params, resolved, timer, tenant)
 
     @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
@@ -205,8 +217,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
         resolved = resolve(body, tenant)
-        prompt, max_tokens = await worker.run(len(await request.body()), chat_inputs, body)
-        params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs())
+        prompt, max_tokens, vllm = await worker.run(len(await request.body()), chat_inputs, body)
+        params = _sampling_params(body, max_tokens=max_tokens, logprobs=body.num_logprobs(), vllm=vllm)
         fmt = ChatFormat(texts, wants_logprobs=body.logprobs)
         return await serve(request, body, fmt, [prompt], params, resolved, timer, tenant)
 
@@ -231,8 +243,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     return app
 
 
-async def _collect(generation: Generation, texts: TokenTexts) -> list[ChoiceState]:
-    states = [ChoiceState() for _ in range(generation.num_choices)]
+async def _collect(generation: Generation, fmt: ResponseFormat, texts: TokenTexts) -> list[ChoiceState]:
+    states = [fmt.new_state(i) for i in range(generation.num_choices)]
     async with aclosing(generation.outputs()) as outputs:
         async for item in outputs:
             states[item.choice].update(item.output, texts)
@@ -242,11 +254,19 @@ async def _collect(generation: Generation, texts: TokenTexts) -> list[ChoiceStat
 def _refuse_unsupported(body: SamplingFields) -> None:
     unsupported = body.unsupported_fields()
     if unsupported:
-        names = ", ".join(f"`{name}`" for name in unsupported)
-        raise bad_request(f"This server does not support {names}; leave it unset.", param=unsupported[0])
+        reasons = " ".join(f"`{name}` is not supported: {body.REASONS[name]}." for name in unsupported)
+        raise bad_request(f"{reasons} Leave it unset.", param=unsupported[0])
 
 
-def _sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling_params(
+    body: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    vllm: dict[str, Any],
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """`vllm`: vLLM's sampling fields, checked against the tokenizer (sampling.vllm_fields)."""
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -259,6 +279,9 @@ def _sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | N
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             n=body.n,
+            prompt_logprobs=prompt_logprobs,
+            **vllm,
         )
-    except ValueError as exc:
-        raise bad_request(str(exc)) from exc
+    except ValueError as exc:  # the message starts with the field's name
+        field = str(exc).split(" ", 1)[0]
+        raise bad_request(str(exc), param=field if field in type(body).model_fields else None) from exc

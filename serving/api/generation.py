@@ -55,6 +55,7 @@ class Generation:
         timer: GenerationTimer,
     ) -> None:
         self._n = params.n
+        self._params = params
         self._timer = timer
         self._prompt_lengths = [len(ids) for ids in prompts]
         self._streams = [
@@ -100,7 +101,7 @@ class Generation:
                 raise bad_request(str(refused)) from refused
             raise errors[0]
         self._first = [r for r in results if not isinstance(r, BaseException)]
-        self._timer.admitted(self._prompt_lengths)
+        self._timer.admitted(self._prompt_lengths, self._params)
 
     async def outputs(self) -> AsyncGenerator[ChoiceOutput, None]:
         """Every output of every engine request, as they come; call `start` first.

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from switchboard.serving.api.errors import ApiError
+from switchboard.serving.api.errors import ApiError, bad_request
 
 # adapter id -> whether an adapter with that id exists and the caller may use it.
 AdapterLookup = Callable[[str], bool]
@@ -42,12 +42,24 @@ def resolve_model(
     - `adapter_id` absent: `model` absent or the base model means the base model; `model` naming an adapter means
       that adapter; anything else is 404 `model_not_found`.
     """
+    if adapter_id == "":
+        raise bad_request(
+            "`adapter_id` is empty; leave it out (or null) for the base model, or name an adapter.", param="adapter_id"
+        )
     if adapter_id is not None:
         if not adapter_exists(adapter_id):
             raise ApiError(
                 404, f"The adapter `{adapter_id}` does not exist.", code="adapter_not_found", param="adapter_id"
             )
         if model not in (None, base_model, adapter_id):
+            if adapter_exists(model):
+                raise bad_request(
+                    f"`model` names the adapter `{model}` and `adapter_id` the adapter `{adapter_id}`; a request uses "
+                    f"one adapter: name it in either field, or in both, or set `model` to the base model "
+                    f"`{base_model}`.",
+                    param="adapter_id",
+                    code="adapter_conflict",
+                )
             raise ApiError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
         return ResolvedModel(adapter_id=adapter_id, name=adapter_id)
     if model is None or model == base_model:

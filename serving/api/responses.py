@@ -88,22 +88,52 @@ def _logprob(value: float) -> float:
     return max(value, _MIN_LOGPROB)
 
 
+# A logprobs entry: a token with its logprob and alternatives, or a bare token id (the first token of an echoed
+# prompt, which has no context and so no logprob: rendered as null, as vLLM does).
+Entry = TokenLogprob | int
+
+
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """The prompt a completions choice starts with (`echo`): its text and its token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+def echo_prompts(prompt: Any, token_ids: list[list[int]], tokenizer: PreTrainedTokenizerBase, n: int) -> list[Echo]:
+    """One `Echo` per choice (`n` per prompt, in the response's order): a text prompt echoes as written, a token-id
+    prompt as its decoded text (vLLM's rule)."""
+    if isinstance(prompt, str):
+        written: list[str | None] = [prompt]
+    elif prompt and isinstance(prompt[0], str):
+        written = list(prompt)
+    else:
+        written = [None] * len(token_ids)
+    echoes = [
+        Echo(text if text is not None else tokenizer.decode(ids), ids)
+        for text, ids in zip(written, token_ids, strict=True)
+    ]
+    return [e for e in echoes for _ in range(n)]
+
+
 @dataclass(slots=True)
 class Delta:
     """What one output adds to a choice."""
 
     text: str
-    logprobs: list[TokenLogprob]
+    logprobs: list[Entry]
     text_offsets: list[int]  # offset of each token of `logprobs` in the choice's text
     finish_reason: str | None
 
 
 @dataclass(slots=True)
 class ChoiceState:
-    """Everything one choice has produced so far."""
+    """Everything one choice has produced so far; with `echo`, its prompt comes first (in the first delta)."""
 
+    echo: Echo | None = None
     text_parts: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[Entry] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
@@ -111,23 +141,44 @@ class ChoiceState:
     # offset where it starts).
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     _chars: int = 0
+    _started: bool = False
 
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
 
     def update(self, output: RequestOutput, texts: TokenTexts) -> Delta:
-        offsets = []
+        text, entries, offsets = "", [], []
+        if not self._started:
+            self._started = True
+            if self.echo is not None:
+                text, entries, offsets = self._echoed(self.echo, output, texts)
         for entry in output.logprobs or ():
             offsets.append(self._chars)
             self._chars += len(self._utf8.decode(texts.bytes(entry.token_id)))
+            entries.append(entry)
+        text += output.new_text
         finish = _finish_reason(output.finish_reason) if output.finished else None
-        self.text_parts.append(output.new_text)
-        self.logprobs.extend(output.logprobs or ())
+        self.text_parts.append(text)
+        self.logprobs.extend(entries)
         self.text_offsets.extend(offsets)
         self.finish_reason = finish
         self.completion_tokens = output.completion_tokens
-        return Delta(output.new_text, list(output.logprobs or ()), offsets, finish)
+        return Delta(text, entries, offsets, finish)
+
+    def _echoed(self, echo: Echo, output: RequestOutput, texts: TokenTexts) -> tuple[str, list[Entry], list[int]]:
+        """The prompt's text and, when the engine scored it (logprobs asked for), its tokens' entries and offsets;
+        the generated tokens' offsets then start after the prompt's text."""
+        entries: list[Entry] = []
+        offsets: list[int] = []
+        if output.prompt_logprobs is not None:
+            for token, entry in zip(echo.token_ids, output.prompt_logprobs, strict=True):
+                offsets.append(self._chars)
+                self._chars += len(self._utf8.decode(texts.bytes(token)))
+                entries.append(token if entry is None else entry)
+        self._utf8.reset()
+        self._chars = len(echo.text)
+        return echo.text, entries, offsets
 
 
 def _finish_reason(reason: FinishReason | None) -> str:
@@ -148,6 +199,8 @@ class ResponseFormat(Protocol):
     chunk_object: str
     wants_logprobs: bool
 
+    def new_state(self, index: int) -> ChoiceState: ...
+
     def choice(self, index: int, state: ChoiceState) -> dict[str, Any]: ...
 
     def opening_chunk_choice(self, index: int) -> dict[str, Any] | None: ...
@@ -162,9 +215,14 @@ class CompletionFormat:
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, texts: TokenTexts, wants_logprobs: bool) -> None:
+    def __init__(self, texts: TokenTexts, wants_logprobs: bool, echo: list[Echo] | None = None) -> None:
+        """`echo`: each choice's prompt, which its text (and logprobs) then start with."""
         self._texts = texts
         self.wants_logprobs = wants_logprobs
+        self._echo = echo
+
+    def new_state(self, index: int) -> ChoiceState:
+        return ChoiceState(echo=self._echo[index] if self._echo is not None else None)
 
     def choice(self, index: int, state: ChoiceState) -> dict[str, Any]:
         return {
@@ -185,14 +243,15 @@ class CompletionFormat:
             "finish_reason": delta.finish_reason,
         }
 
-    def _logprobs(self, entries: list[TokenLogprob], offsets: list[int]) -> dict[str, Any] | None:
+    def _logprobs(self, entries: list[Entry], offsets: list[int]) -> dict[str, Any] | None:
         if not self.wants_logprobs:
             return None
         text = self._texts.text
+        scored = [e if isinstance(e, TokenLogprob) else None for e in entries]
         return {
-            "tokens": [text(e.token_id) for e in entries],
-            "token_logprobs": [_logprob(e.logprob) for e in entries],
-            "top_logprobs": [{text(t): _logprob(lp) for t, lp in e.top} for e in entries],
+            "tokens": [text(e if isinstance(e, int) else e.token_id) for e in entries],
+            "token_logprobs": [None if e is None else _logprob(e.logprob) for e in scored],
+            "top_logprobs": [None if e is None else {text(t): _logprob(lp) for t, lp in e.top} for e in scored],
             "text_offset": offsets,
         }
 
@@ -207,6 +266,9 @@ class ChatFormat:
     def __init__(self, texts: TokenTexts, wants_logprobs: bool) -> None:
         self._texts = texts
         self.wants_logprobs = wants_logprobs
+
+    def new_state(self, index: int) -> ChoiceState:
+        return ChoiceState()
 
     def choice(self, index: int, state: ChoiceState) -> dict[str, Any]:
         return {
@@ -227,10 +289,10 @@ class ChatFormat:
             "finish_reason": delta.finish_reason,
         }
 
-    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+    def _logprobs(self, entries: list[Entry]) -> dict[str, Any] | None:
         if not self.wants_logprobs:
             return None
-        return {"content": [self._entry(e) for e in entries], "refusal": None}
+        return {"content": [self._entry(e) for e in entries if isinstance(e, TokenLogprob)], "refusal": None}
 
     def _entry(self, entry: TokenLogprob) -> dict[str, Any]:
         return {

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible routes (pydantic), with OpenAI's field names and defaults.
 
-Unknown fields are ignored, as OpenAI clients send many optional ones. Fields we know but do not implement (`echo`,
-penalties, `logit_bias`, `tools`, ...) are declared so that a non-default value is refused with a clear 400 instead
-of being silently ignored (see `unsupported_fields`); the OpenAPI document lists the values they accept. Range checks
+Unknown fields are ignored, as OpenAI clients send many optional ones. Fields we know but do not implement (`suffix`,
+`best_of` above `n`, beam search, `tools`, ...) are declared so that a non-default value is refused with a 400 that
+says why instead of being silently ignored (see `unsupported_fields` and `REASONS`); the OpenAPI document lists the
+values they accept. docs/api.md has the table of every vLLM field, applied or refused. Range checks
 that pydantic expresses well live here; the rest (an empty prompt, prompt length against the context window, token
 ids against the vocabulary) lives in `prompts.py`, where it has the tokenizer and its own messages; the document
 states what of it a schema can (a prompt is never empty).
@@ -53,6 +54,16 @@ PromptField = Annotated[
 ]
 
 
+MAX_BAD_WORDS = 1024
+BadWords = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_BAD_WORDS), FAIL_FAST]
+_LOGIT_BIAS: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"pattern": "^[0-9]+$"},  # token ids
+    "additionalProperties": {"type": "number"},  # clamped to [-100, 100], as vLLM does
+    "title": "Logit Bias",
+}
+
+
 class StreamOptions(BaseModel):
     model_config = STRICT
 
@@ -69,11 +80,34 @@ class SamplingFields(BaseModel):
     """The fields both generation routes share."""
 
     model_config = ConfigDict(**STRICT, json_schema_extra=_document_unsupported)
-    # Known but not implemented: field -> the values that mean "not used"; any other value is refused (400).
+    # Known but not implemented: field -> the values that mean "not used"; any other value is refused (400), with
+    # the field's reason from REASONS.
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "presence_penalty": (None, 0),
-        "frequency_penalty": (None, 0),
-        "logit_bias": (None, {}),
+        "spaces_between_special_tokens": (None, True),
+        "use_beam_search": (None, False),
+        "length_penalty": (None, 1, 1.0),
+        "truncate_prompt_tokens": (None,),
+        "prompt_logprobs": (None,),
+        "priority": (None, 0),
+        "logits_processors": (None, []),
+        "return_tokens_as_token_ids": (None, False),
+    }
+    REASONS: ClassVar[dict[str, str]] = {
+        "spaces_between_special_tokens": "special tokens decode through the model's fast tokenizer, which always "
+        "joins them without spaces (vLLM's fast-tokenizer path does the same)",
+        "use_beam_search": "this server samples; it has no beam search",
+        "length_penalty": "it only applies to beam search, which this server does not have",
+        "truncate_prompt_tokens": "prompts are never truncated here; a prompt past the context is refused instead",
+        "prompt_logprobs": "ask for `echo` with `logprobs` on /v1/completions for the prompt's logprobs",
+        "priority": "the scheduler admits requests in arrival order, taking turns over tenants; it has no priorities",
+        "logits_processors": "this server runs no code named in a request",
+        "return_tokens_as_token_ids": "logprobs name tokens by their text",
+        "best_of": "returning the best of several candidates is not implemented; set `best_of` to `n` or leave it "
+        "unset",
+        "suffix": "inserting text before a suffix needs a fill-in-the-middle model; this one has none",
+        "echo": "echoing the last message is a completions feature here; use /v1/completions with `echo`",
+        "tools": "tool calling is not implemented",
+        "response_format": "structured output is not implemented",
     }
 
     model: str | None = None
@@ -89,10 +123,28 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False  # vLLM extension (benchmarks)
     adapter_id: str | None = None  # Switchboard extension
     user: str | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    # Values not validated: any non-empty map is refused, and a map of a million wrong values would be a million errors.
-    logit_bias: dict[str, Any] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    # Keys and values are checked in sampling.py, stopping at the first wrong one (a map of a million wrong values
+    # would otherwise be a million errors); the document states what they must be.
+    logit_bias: Annotated[dict[str, Any], WithJsonSchema(_LOGIT_BIAS)] | None = None
+    # vLLM's sampling extensions
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    min_tokens: Annotated[Int, Field(ge=0)] = 0
+    include_stop_str_in_output: bool = False
+    # Each step checks every bad word against the output's end: bounded, so that one request cannot stall the batch.
+    bad_words: BadWords | None = None
+    allowed_token_ids: Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1), FAIL_FAST] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    truncate_prompt_tokens: Int | None = None
+    prompt_logprobs: Int | None = None
+    priority: Int | None = None
+    logits_processors: Annotated[list[Any], FAIL_FAST] | None = None
+    return_tokens_as_token_ids: bool | None = None
 
     def unsupported_fields(self) -> list[str]:
         """Names of fields that are set to a value this server does not implement."""
@@ -117,7 +169,6 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: Int | None = None
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
-        "echo": (False,),
         "suffix": (None, ""),
         "best_of": (None, 1),
     }
@@ -125,6 +176,10 @@ class CompletionRequest(SamplingFields):
     def unsupported_fields(self) -> list[str]:
         # `best_of` equal to `n` asks for nothing but plain sampling.
         return [name for name in super().unsupported_fields() if not (name == "best_of" and self.best_of == self.n)]
+
+    def prompt_logprobs_k(self) -> int | None:
+        """With `echo` and `logprobs`, the prompt's tokens get logprobs too (the top `logprobs` of each)."""
+        return self.logprobs if self.echo and self.logprobs is not None else None
 
 
 class TextPart(BaseModel):
@@ -157,9 +212,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
     response_format: dict[str, Any] | None = None
+    echo: bool = False
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
         "tools": (None, []),
         "response_format": (None, {"type": "text"}),
+        "echo": (False,),
     }
 
     def requested_max_tokens(self) -> int | None:

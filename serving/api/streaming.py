@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from switchboard.serving.api.errors import ApiError, internal_error
 from switchboard.serving.api.generation import Generation
-from switchboard.serving.api.responses import ChoiceState, Delta, ResponseFormat, TokenTexts, usage
+from switchboard.serving.api.responses import Delta, ResponseFormat, TokenTexts, usage
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ async def stream_events(
 ) -> AsyncGenerator[str, None]:
     """The SSE events of one streamed response. `header` holds `id`, `object`, `created` and `model`."""
     chunk_header = {**header, "object": fmt.chunk_object}
-    states = [ChoiceState() for _ in range(generation.num_choices)]
+    states = [fmt.new_state(i) for i in range(generation.num_choices)]
     for index in range(generation.num_choices):
         opening = fmt.opening_chunk_choice(index)
         if opening is not None:

@@ -10,8 +10,20 @@ _CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        *,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> None:
+        """`include_stop`: a matched stop string stays at the end of the text (vLLM's include_stop_str_in_output);
+        `skip_special_tokens`: special tokens decode to nothing (vLLM's default) or to their text."""
         self._tok = tokenizer
+        self._include_stop = include_stop
+        self._skip_special = skip_special_tokens
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -20,20 +32,24 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded output text (before stop truncation)
         self._emitted = 0  # characters of `text` already handed out
 
-    def add(self, token_id: int) -> str | None:
-        """Append a token; returns the stop string that matched, if any (the text is then cut before it)."""
+    def add(self, token_id: int, *, check_stop: bool = True) -> str | None:
+        """Append a token; returns the stop string that matched, if any (the text is then cut before it, or after it
+        with `include_stop`). `check_stop=False`: no stop string can match in this token's text (min_tokens)."""
         self._ids.append(token_id)
-        prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = self._tok.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        skip = self._skip_special
+        prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=skip)
+        full = self._tok.decode(self._ids[self._prefix_offset :], skip_special_tokens=skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             start = len(self.text)
             self.text += full[len(prefix) :]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             # Only a match that reaches into the new text can be new; the earliest match wins.
+            if not check_stop:
+                return None
             hits = [(at, s) for s in self.stop if (at := self.text.find(s, max(0, start - len(s) + 1))) != -1]
             if hits:
                 at, s = min(hits)
-                self.text = self.text[:at]
+                self.text = self.text[: at + len(s) if self._include_stop else at]
                 return s
         return None
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .logits_processors import TokenHistory
 from .request import TokenLogprob
 from .sampler import sample as sample_batch
 from .scheduler import ScheduledSeq, SchedulerOutput
@@ -78,15 +79,17 @@ def forward(
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], fail: Fail
+    logits: torch.Tensor, seqs: list[Sequence], fail: Fail, eos_token_ids: set[int] | frozenset[int] = frozenset()
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """The sampler over the batch (token None: non-finite logits); if it raises, each row alone from the same
     generator states, so that seeded sequences draw exactly what they would have drawn, and the rows that still
     raise are ended."""
     generators = [s.generator for s in seqs]
     states = [g.get_state() if g is not None else None for g in generators]
+    history = [TokenHistory(s.prompt_token_ids, s.output_token_ids) for s in seqs]
+    eos = sorted(eos_token_ids)
     try:
-        return sample_batch(logits, [s.params for s in seqs], generators)
+        return sample_batch(logits, [s.params for s in seqs], generators, history, eos)
     except Exception:
         log.exception("sampling %d sequences failed; sampling each alone", len(seqs))
     tokens: list[int | None] = [None] * len(seqs)
@@ -95,7 +98,9 @@ def sample(
         if generator is not None and state is not None:
             generator.set_state(state)
         try:
-            (tokens[i],), (logprobs[i],) = sample_batch(logits[i : i + 1], [seq.params], [generator])
+            (tokens[i],), (logprobs[i],) = sample_batch(
+                logits[i : i + 1], [seq.params], [generator], history[i : i + 1], eos
+            )
         except Exception as exc:  # this row alone fails to sample
             fail(seq, f"internal error while sampling: {_describe(exc)}")
     return tokens, logprobs

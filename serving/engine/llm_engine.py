@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from switchboard.adapters_store.kinds import Adapter, BaseModelShape, PrefixAdapter, load_adapter
+from switchboard.adapters_store.kinds import Adapter, AdapterError, BaseModelShape, PrefixAdapter, load_adapter
 from switchboard.kernels.backend import default_backend, get_kernels
 from switchboard.kernels.cpu_adapters import compiled_adapters_available
 from switchboard.kernels.paged_attention import compiled_paged_attention_available
@@ -24,8 +24,8 @@ from ..models.quant import weight_bytes
 from . import isolation
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
-from .model_runner import ModelRunner
-from .request import FinishReason, RequestOutput, SamplingParams
+from .model_runner import ModelRunner, PromptLogprobSpan, prompt_logprob_spans
+from .request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from .scheduler import Scheduler
 from .sequence import Sequence, SequenceStatus
 
@@ -112,8 +112,14 @@ class LLMEngine:
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def _load_adapters(self, config: ServeConfig) -> dict[str, Adapter]:
-        """Every `--adapter NAME=DIR`, parsed and validated against the base model (AdapterError on problems)."""
-        return {name: load_adapter(path, self.base_shape, name) for name, path in config.adapters.items()}
+        """Every `--adapter NAME=DIR`, parsed and validated against the base model; an AdapterError names the flag."""
+        adapters = {}
+        for name, path in config.adapters.items():
+            try:
+                adapters[name] = load_adapter(path, self.base_shape, name)
+            except AdapterError as exc:
+                raise AdapterError(str(exc), f"--adapter {name}={path}") from exc
+        return adapters
 
     @property
     def base_shape(self) -> BaseModelShape:
@@ -203,13 +209,20 @@ class LLMEngine:
                     index=index,
                     prompt_token_ids=list(prompt_token_ids),
                     params=params,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_token_ids, params.stop),
+                    detokenizer=IncrementalDetokenizer(
+                        self.tokenizer.backend_tokenizer,
+                        prompt_token_ids,
+                        params.stop,
+                        include_stop=params.include_stop_str_in_output,
+                        skip_special_tokens=params.skip_special_tokens,
+                    ),
                     adapter_id=adapter_id,
                     adapter=served,
                     adapter_kind=None if served is None else served.kind,
                     prefix_len=prefix_len,
                     generator=generator,
                     tenant=tenant,
+                    prompt_logprobs=None if params.prompt_logprobs is None else [None],
                 )
             )
         self._requests[request_id] = seqs
@@ -253,9 +266,11 @@ class LLMEngine:
         if plan.scheduled:
             plan, logits = isolation.forward(self.runner.run, plan, self._fail)
             sampling = [s.seq for s in plan.scheduled if s.samples]
+            self._record_prompt_logprobs(prompt_logprob_spans(plan), logits[len(sampling) :])
+            logits = logits[: len(sampling)]
             for s in plan.scheduled:
                 s.seq.num_computed += s.num_tokens
-            tokens, logprobs = isolation.sample(logits, sampling, self._fail)
+            tokens, logprobs = isolation.sample(logits, sampling, self._fail, self.eos_token_ids)
             for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
                 if token is None:
                     if not seq.is_finished:  # else a sampling error ended it already
@@ -279,16 +294,40 @@ class LLMEngine:
             seq.pending_logprobs.append(lp)
         p = seq.params
         reason = None
-        if (
-            token in p.stop_token_ids
-            or (token in self.eos_token_ids and not p.ignore_eos)
-            or seq.detokenizer.add(token) is not None
-        ):
+        if self._stops(seq, token):
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens or seq.cache_len(seq.num_tokens) >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
+
+    def _record_prompt_logprobs(self, spans: list[PromptLogprobSpan], logits: torch.Tensor) -> None:
+        """Each span's prompt tokens' logprobs (and the top k) from its rows of `logits` [sum of counts, V]."""
+        row = 0
+        for span in spans:
+            seq = span.seq
+            assert seq.prompt_logprobs is not None and seq.params.prompt_logprobs is not None
+            lp = torch.log_softmax(logits[row : row + span.count].float(), dim=-1)
+            row += span.count
+            targets = seq.prompt_token_ids[span.start + 1 : span.start + 1 + span.count]
+            chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            k = min(seq.params.prompt_logprobs, lp.shape[-1])
+            top = torch.topk(lp, k) if k else None
+            ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+            for j, token in enumerate(targets):
+                alternatives = list(zip(ids[j], values[j], strict=True)) if top is not None else []
+                seq.prompt_logprobs.append(TokenLogprob(token_id=token, logprob=chosen[j], top=alternatives))
+
+    def _stops(self, seq: Sequence, token: int) -> bool:
+        """Whether `token` ends the sequence (a stop token, EOS, or a stop string in its text); adds its text. Before
+        `min_tokens` tokens nothing stops it (vLLM); a stop token's text is kept with include_stop_str_in_output."""
+        p = seq.params
+        check = len(seq.output_token_ids) >= p.min_tokens
+        if check and (token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)):
+            if p.include_stop_str_in_output:
+                seq.detokenizer.add(token, check_stop=False)
+            return True
+        return seq.detokenizer.add(token, check_stop=check) is not None
 
     def _output(self, seq: Sequence) -> RequestOutput:
         finished = seq.status is SequenceStatus.FINISHED
@@ -304,6 +343,9 @@ class LLMEngine:
             completion_tokens=len(seq.output_token_ids),
             error=seq.error,
         )
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
         seq.pending_token_ids, seq.pending_logprobs = [], []
         if finished:
             seqs = self._requests.get(seq.request_id, [])

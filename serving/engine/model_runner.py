@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..adapters import ServedAdapters
 from ..models.attention import AttentionMetadata, KVCache, build_group
 from ..models.llama import LlamaModel
 from .scheduler import SchedulerOutput
+from .sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobSpan:
+    """Prompt positions of one sequence whose next (prompt) token this step scores: `start` .. `start + count - 1`,
+    at rows `row` .. `row + count - 1` of the step's flattened batch."""
+
+    seq: Sequence
+    start: int
+    count: int
+    row: int
+
+
+def prompt_logprob_spans(step: SchedulerOutput) -> list[PromptLogprobSpan]:
+    """The spans of the step's sequences that want prompt logprobs (echo with logprobs) and reach prompt positions
+    not scored yet (a sequence recomputed after preemption scores nothing twice). Rows follow `prepare`'s order."""
+    spans = []
+    row = 0
+    for s in step.decodes + step.prefills:
+        seq = s.seq
+        if seq.prompt_logprobs is not None:
+            first = max(seq.num_computed, len(seq.prompt_logprobs) - 1)
+            end = min(seq.num_computed + s.num_tokens, len(seq.prompt_token_ids) - 1)
+            if end > first:
+                spans.append(PromptLogprobSpan(seq, first, end - first, row + first - seq.num_computed))
+        row += s.num_tokens
+    return spans
 
 
 class ModelRunner:
@@ -58,8 +88,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: SchedulerOutput) -> torch.Tensor:
-        """Logits [N, vocab] (float32) for the scheduled sequences that sample, in `step.scheduled` order."""
+        """Logits [N + R, vocab] (float32): first the N scheduled sequences that sample, in `step.scheduled` order,
+        then the R prompt positions of `prompt_logprob_spans(step)`, span after span."""
         input_ids, positions, meta, sample_rows = self.prepare(step)
         deltas = None if self.adapters is None else self.adapters.batch(step.scheduled)
         hidden = self.model(input_ids, positions, self.kv_cache.data, meta, deltas)
+        spans = prompt_logprob_spans(step)
+        if spans:
+            extra = [torch.arange(sp.row, sp.row + sp.count, device=self.device) for sp in spans]
+            sample_rows = torch.cat([sample_rows, *extra])
         return self.model.logits(hidden[sample_rows])

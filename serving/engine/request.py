@@ -46,6 +46,18 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus the top k
     n: int = 1
+    # vLLM's sampling extensions (logits_processors.py, sampler.py); the defaults change nothing.
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the output
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    min_tokens: int = 0  # EOS, stop tokens and stop strings cannot end the output before this many tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] = field(default_factory=list)  # empty: every token
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # each never completed in the output
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # logprobs of each prompt token (and the top k) given the ones before it
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -60,12 +72,42 @@ class SamplingParams:
             raise ValueError("n must be at least 1")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be between 0 and 20")
+        self._check_vllm_fields()
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= self.seed + self.n - 1 <= SEED_RANGE[1]:
             raise ValueError(f"seed must lie in [{SEED_RANGE[0]}, {SEED_RANGE[1]} - (n - 1)]")
+
+    def _check_vllm_fields(self) -> None:
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError("repetition_penalty must be a finite number > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens] (max_tokens is {self.max_tokens})")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError("prompt_logprobs must be between 0 and 20")
+        if any(not word for word in self.bad_words_token_ids):
+            raise ValueError("a bad word must have at least one token")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the repetition, presence or frequency penalties is on."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor (logits_processors.py) acts on this request's rows."""
+        return (
+            self.penalized
+            or self.min_tokens > 0
+            or bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+        )
 
 
 @dataclass(slots=True)
@@ -95,3 +137,6 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # why the choice failed, with finish_reason ERROR
+    # With SamplingParams.prompt_logprobs, in the choice's first output: None for the first prompt token, then each
+    # prompt token's logprob given the ones before it.
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -4,12 +4,20 @@ Safe for every `SamplingParams` value: the most likely token always survives top
 sampled row is computed in float64 from logits shifted so that their maximum is 0, so no temperature and no spread
 of finite logits can make a NaN. A row whose logits are not all finite (an adapter that overflows, a broken model
 output) is not sampled: its token is None and the engine ends that sequence alone.
+
+vLLM's logits processors (penalties, logit bias, min_tokens, bad words, allowed tokens: logits_processors.py) act
+on the rows before the choice; min_p acts after the temperature, before top-k and top-p, as in vLLM. Logprobs are
+those of the model's raw logits (vLLM's default `raw_logprobs`), whatever the processors did.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence as Seq
+
 import torch
 
+from .logits_processors import TokenHistory, process_logits
 from .request import SamplingParams, TokenLogprob
 
 
@@ -28,11 +36,20 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def min_p_filter(row: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Mask tokens whose probability is below `min_p` times the most likely one's. row: [V], after the temperature
+    and shifted so that its maximum is 0 (then a token's probability over the top one's is exp(row))."""
+    if min_p <= 0.0:
+        return row
+    return row.masked_fill(row < math.log(min_p), float("-inf"))
+
+
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from a finite row of logits [V] under temperature, top-k and top-p."""
+    """One token from a row of logits [V] (finite, or -inf where a processor masked) under temperature, min-p,
+    top-k and top-p."""
     row = logits.double()
     row = (row - row.max()) / p.temperature  # <= 0 with the maximum exactly 0: never NaN, never +inf
-    probs = _filter(row, p.top_k, p.top_p).softmax(-1)
+    probs = _filter(min_p_filter(row, p.min_p), p.top_k, p.top_p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
@@ -40,16 +57,22 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    history: list[TokenHistory] | None = None,
+    eos_token_ids: Seq[int] = (),
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-    """logits: [N, V] float32, one row per sequence that samples this step. Returns token ids (None for a row whose
-    logits are not finite) and logprobs."""
+    """logits: [N, V] float32, one row per sequence that samples this step; `history`: each row's prompt and output
+    tokens (what penalties, min_tokens and bad words read; required when a row uses one). Returns token ids (None
+    for a row whose logits are not finite) and logprobs."""
     finite = torch.isfinite(logits).all(-1).tolist()
-    tokens: list[int | None] = logits.argmax(-1).tolist()  # every greedy row, and a default for the rest
+    if history is None and any(p.processes_logits for p in params):
+        raise ValueError("penalties, min_tokens, logit_bias and bad words need each row's token history")
+    processed = logits if history is None else process_logits(logits, params, history, eos_token_ids)
+    tokens: list[int | None] = processed.argmax(-1).tolist()  # every greedy row, and a default for the rest
     for i, p in enumerate(params):
         if not finite[i]:
             tokens[i] = None
         elif not p.greedy:
-            tokens[i] = _draw(logits[i], p, generators[i])
+            tokens[i] = _draw(processed[i], p, generators[i])
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     wants = [i for i, p in enumerate(params) if p.logprobs is not None and finite[i]]
     if wants:

@@ -46,6 +46,10 @@ class Sequence:
     pending_token_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    # Logprobs of the prompt's tokens (echo with logprobs): None unless asked for; then [None] (the first token has
+    # no context) plus one entry per position scored so far. Handed out once, with the first output.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def token_ids(self) -> list[int]:

@@ -88,8 +88,8 @@ def test_malformed_json(http) -> None:
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1, 2], []]}, "prompt"),
         ({"prompt": [10**9]}, "prompt"),
-        ({"prompt": "x", "echo": True}, "echo"),
-        ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
         ({"max_tokens": 2}, "prompt"),
         # JSON types as the OpenAPI document states them, not pydantic's lax conversions.
         ({"prompt": "x", "max_tokens": "2"}, "max_tokens"),
