@@ -14,6 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from switchboard.serving.api.guided_fields import GuidedFields
+
 
 def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -65,8 +67,8 @@ def _document_unsupported(schema: dict[str, Any], model: type[SamplingFields]) -
         schema["properties"][name] = {"title": schema["properties"][name].get("title", name), "enum": list(ok)}
 
 
-class SamplingFields(BaseModel):
-    """The fields both generation routes share."""
+class SamplingFields(GuidedFields):
+    """The fields both generation routes share (structured output's in `GuidedFields`)."""
 
     model_config = ConfigDict(**STRICT, json_schema_extra=_document_unsupported)
     # Known but not implemented: field -> the values that mean "not used"; any other value is refused (400).
@@ -156,11 +158,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
-    response_format: dict[str, Any] | None = None
-    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
-        "tools": (None, []),
-        "response_format": (None, {"type": "text"}),
-    }
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {"tools": (None, [])}
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` (the current name) wins over the deprecated `max_tokens`."""

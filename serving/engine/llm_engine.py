@@ -31,6 +31,7 @@ from ..models.quant import weight_bytes
 from . import isolation
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .guided import GrammarCompiler, GuidedState
 from .model_runner import ModelRunner
 from .request import FinishReason, RequestOutput, SamplingParams
 from .scheduler import Scheduler
@@ -84,6 +85,8 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # Structured output: the API compiles requests' grammars with it; their stop tokens are our EOS ids.
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_token_ids))
         kv_dtype = config.torch_kv_cache_dtype
         per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
         num_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_gb * 2**30) // per_block)
@@ -288,6 +291,7 @@ class LLMEngine:
                     adapter_kind=kind,
                     prefix_len=prefix_len,
                     generator=generator,
+                    guided=None if params.guided is None else GuidedState(params.guided),
                     tenant=tenant,
                 )
             )
@@ -362,7 +366,8 @@ class LLMEngine:
         p = seq.params
         reason = None
         if (
-            token in p.stop_token_ids
+            (seq.guided is not None and seq.guided.advance(token))  # the grammar ended: even under ignore_eos
+            or token in p.stop_token_ids
             or (token in self.eos_token_ids and not p.ignore_eos)
             or seq.detokenizer.add(token) is not None
         ):

@@ -9,6 +9,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .guided import Grammar
 
 
 class FinishReason(enum.StrEnum):
@@ -46,6 +50,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus the top k
     n: int = 1
+    guided: Grammar | None = None  # structured output: each choice's tokens follow this compiled grammar
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

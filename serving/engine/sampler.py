@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .guided import TokenMasks, apply_token_masks
 from .request import SamplingParams, TokenLogprob
 
 
@@ -40,16 +41,19 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    masks: TokenMasks | None = None,
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-    """logits: [N, V] float32, one row per sequence that samples this step. Returns token ids (None for a row whose
-    logits are not finite) and logprobs."""
+    """logits: [N, V] float32, one row per sequence that samples this step; masks: the tokens each guided row may
+    choose (structured output). Returns token ids (None for a row whose logits are not finite) and logprobs, which
+    come from the model's logits before any mask (vLLM's raw logprobs)."""
     finite = torch.isfinite(logits).all(-1).tolist()
-    tokens: list[int | None] = logits.argmax(-1).tolist()  # every greedy row, and a default for the rest
+    choosable = apply_token_masks(logits, masks)  # a guided row keeps its grammar's tokens only
+    tokens: list[int | None] = choosable.argmax(-1).tolist()  # every greedy row, and a default for the rest
     for i, p in enumerate(params):
         if not finite[i]:
             tokens[i] = None
         elif not p.greedy:
-            tokens[i] = _draw(logits[i], p, generators[i])
+            tokens[i] = _draw(choosable[i], p, generators[i])
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     wants = [i for i, p in enumerate(params) if p.logprobs is not None and finite[i]]
     if wants:
