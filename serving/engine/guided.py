@@ -122,13 +122,28 @@ class GrammarCompiler:
         return grammar
 
 
+# xgrammar 0.2.9 writes the characters of a string with minLength or maxLength as `[^"\\\r\n]`, which lets raw
+# control characters (U+0000-U+001F) into the string: invalid JSON. We replace that class by JSON's own (escapes stay
+# out of such strings, as xgrammar has them: they would count towards the length).
+_LENGTH_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
+
+
+def _json_grammar(schema: str, *, strict: bool) -> xgr.Grammar:
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=strict)
+    ebnf = str(grammar)
+    if _LENGTH_STRING_CHAR not in ebnf:
+        return grammar
+    return xgr.Grammar.from_ebnf(ebnf.replace(_LENGTH_STRING_CHAR, _JSON_STRING_CHAR))
+
+
 def _compile(compiler: xgr.GrammarCompiler, spec: GuidedSpec) -> xgr.CompiledGrammar:
     match spec.kind:
         case GuidedKind.JSON_SCHEMA:
-            return compiler.compile_json_schema(spec.source, any_whitespace=False)
+            return compiler.compile_grammar(_json_grammar(spec.source, strict=True))
         case GuidedKind.JSON_OBJECT:
             # Not strict: strict mode forbids properties a schema does not name, and this one names none.
-            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            return compiler.compile_grammar(_json_grammar('{"type": "object"}', strict=False))
         case GuidedKind.REGEX:
             return compiler.compile_regex(spec.source)
         case GuidedKind.CHOICE:
