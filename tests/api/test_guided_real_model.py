@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from switchboard.serving.demo_adapters import seed_adapter_weights
 
-from .conftest import RunningServer, ServerFactory
+from .conftest import RunningServer, serve_config, start_server
 
 MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
 pytestmark = pytest.mark.skipif(
@@ -33,23 +34,33 @@ CITY = {
     "properties": {
         "city": {"type": "string", "maxLength": 20},
         "country": {"type": "string", "maxLength": 20},
-        "population_millions": {"type": "number"},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 1000},  # a seeded LoRA writes 1e50
     },
     "required": ["city", "country", "population_millions"],
     "additionalProperties": False,
 }
 SENTIMENTS = ["positive", "negative", "neutral"]
+CAT = "Give me a JSON object describing a cat with its name and age."
 DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
 
 
 @pytest.fixture(scope="module")
-def real_server(server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     base = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     seed_adapter_weights(lora, 11)
     adapter_dir = tmp_path_factory.mktemp("real-lora")
     lora.save_pretrained(adapter_dir)
-    return server_factory(model=MODEL, adapters={"real-lora": adapter_dir}, max_model_len=1024, num_kv_blocks=512)
+    config = serve_config(
+        MODEL,
+        adapters={"real-lora": adapter_dir},
+        store=tmp_path_factory.mktemp("store"),
+        max_model_len=1024,
+        num_kv_blocks=512,
+    )
+    running = start_server(config)
+    yield running
+    running.stop()
 
 
 def _chat(client: openai.OpenAI, model: str, content: str, **kw: Any) -> openai.types.chat.ChatCompletion:
@@ -66,9 +77,7 @@ def test_real_model_structured_output_with_and_without_an_adapter(real_server: R
         calls += [
             (lambda c, m=model: _chat(c, m, "Describe Paris as JSON.", response_format=city), CITY),
             (
-                lambda c, m=model: _chat(
-                    c, m, "Give me a JSON object about cats.", response_format={"type": "json_object"}
-                ),
+                lambda c, m=model: _chat(c, m, CAT, response_format={"type": "json_object"}),
                 {"type": "object"},
             ),
             (

@@ -68,7 +68,7 @@ def matches(name: str, text: str) -> bool:
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path, peft_adapters: dict[str, Path]) -> LLMEngine:
     adapters = {name: peft_adapters[name] for name in ("lora", "ia3", "prefix")}
-    config = ServeConfig(model=tiny_model_dir, dtype="float32", device="cpu", num_kv_blocks=512, adapters=adapters)
+    config = ServeConfig(model=tiny_model_dir, dtype="float32", device="auto", num_kv_blocks=512, adapters=adapters)
     return LLMEngine(config)
 
 
@@ -251,7 +251,7 @@ def test_a_grammar_with_no_way_on_ends_where_it_stopped(engine: LLMEngine) -> No
 
 def test_preemption_keeps_each_matcher_in_step(tiny_model_dir: Path) -> None:
     # 24 blocks of 4 slots cannot hold eight sequences' prompts and outputs at once: some are preempted and recomputed.
-    config = ServeConfig(model=tiny_model_dir, dtype="float32", device="cpu", num_kv_blocks=24, block_size=4)
+    config = ServeConfig(model=tiny_model_dir, dtype="float32", device="auto", num_kv_blocks=24, block_size=4)
     small = LLMEngine(config)
     prompts = _prompts(small)
     grammar = small.grammars.compile(SPECS["schema"])
@@ -259,7 +259,7 @@ def test_preemption_keeps_each_matcher_in_step(tiny_model_dir: Path) -> None:
     requests = [(prompts[i % len(prompts)], params, None) for i in range(4)]
     results = _run(small, requests)
     assert small.stats().num_preemptions > 0
-    big = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="float32", device="cpu", num_kv_blocks=512))
+    big = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="float32", device="auto", num_kv_blocks=512))
     params_big = SamplingParams(
         max_tokens=MAX_TOKENS, temperature=1.0, seed=3, n=2, guided=big.grammars.compile(SPECS["schema"])
     )
