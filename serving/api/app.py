@@ -48,6 +48,7 @@ from switchboard.serving.api.sampling import vllm_fields
 from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.guided import Grammar, GrammarCompiler, GuidedError
 from switchboard.serving.engine.request import RequestOutput, SamplingParams
 from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
 
@@ -66,6 +67,7 @@ class Engine(Protocol):
     merged_adapter: str | None  # the adapter folded into the weights (then the base model is not served)
     base_shape: BaseModelShape  # what uploads are validated against
     base_weight_bytes: dict[str, int]  # {"linear", "other", "total"}: the base model's weights as held (NF4 or dense)
+    grammars: GrammarCompiler  # structured output's grammars, compiled for this model's tokenizer
 
     def start(self) -> None: ...
 
@@ -107,6 +109,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             gc.unfreeze()  # let the interpreter's last collection see those objects again
             engine.shutdown()
             parser.shutdown(wait=False)
+            grammar_pool.shutdown(wait=False, cancel_futures=True)
             worker.shutdown()
 
     worker = RequestWorker()
@@ -126,6 +129,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")
+    # Structured output's grammars compile here (milliseconds to a second; cached by spec), off the event loop and
+    # out of the request worker's lanes, so that a big schema never holds up other requests' tokenization.
+    grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-grammar")
     app.state.adapters = registry
     app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes, app.router.route_class))
 
@@ -149,6 +155,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         tenant: Tenant,
     ) -> Response:
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
+        params.guided = await compile_guided(body)
         engine_adapter, parsed = None, None
         if resolved.adapter_id is not None:
             ref = registry.require(tenant, resolved.adapter_id)
@@ -180,6 +187,17 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 "usage": usage(generation.prompt_tokens, completion_tokens),
             }
         )
+
+    async def compile_guided(body: SamplingFields) -> Grammar | None:
+        """The compiled grammar of the request's structured-output field, if any; 400 if it does not compile."""
+        asked = body.guided_spec()
+        if asked is None:
+            return None
+        param, spec = asked
+        try:
+            return await asyncio.get_running_loop().run_in_executor(grammar_pool, engine.grammars.compile, spec)
+        except GuidedError as exc:
+            raise bad_request(f"Invalid `{param}`: {exc}", param=param) from exc
 
     def completion_inputs(body: CompletionRequest, max_tokens: int) -> tuple[list[list[int]], dict[str, Any]]:
         """The prompts' token ids, each checked against the context, and vLLM's sampling fields (in the request

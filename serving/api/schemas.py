@@ -15,6 +15,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from switchboard.serving.api.guided_fields import GuidedFields
+
 
 def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -76,8 +78,8 @@ def _document_unsupported(schema: dict[str, Any], model: type[SamplingFields]) -
         schema["properties"][name] = {"title": schema["properties"][name].get("title", name), "enum": list(ok)}
 
 
-class SamplingFields(BaseModel):
-    """The fields both generation routes share."""
+class SamplingFields(GuidedFields):
+    """The fields both generation routes share (structured output's in `GuidedFields`)."""
 
     model_config = ConfigDict(**STRICT, json_schema_extra=_document_unsupported)
     # Known but not implemented: field -> the values that mean "not used"; any other value is refused (400), with
@@ -107,7 +109,6 @@ class SamplingFields(BaseModel):
         "suffix": "inserting text before a suffix needs a fill-in-the-middle model; this one has none",
         "echo": "echoing the last message is a completions feature here; use /v1/completions with `echo`",
         "tools": "tool calling is not implemented",
-        "response_format": "structured output is not implemented",
     }
 
     model: str | None = None
@@ -211,11 +212,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[Int, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
-    response_format: dict[str, Any] | None = None
     echo: bool = False
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = SamplingFields.UNSUPPORTED | {
         "tools": (None, []),
-        "response_format": (None, {"type": "text"}),
         "echo": (False,),
     }
 

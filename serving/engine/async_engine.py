@@ -66,6 +66,7 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.base_shape = self.engine.base_shape
         self.base_weight_bytes = self.engine.base_weight_bytes
+        self.grammars = self.engine.grammars
         merged = self.engine.merged_adapter
         self.merged_adapter: str | None = None if merged is None else merged.name
         self.adapter_kinds: dict[str, str] = {name: a.kind.value for name, a in self.engine.adapters.items()}

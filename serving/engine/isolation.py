@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .guided import token_masks
 from .logits_processors import TokenHistory
 from .request import TokenLogprob
 from .sampler import sample as sample_batch
@@ -81,15 +82,17 @@ def forward(
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], fail: Fail, eos_token_ids: set[int] | frozenset[int] = frozenset()
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-    """The sampler over the batch (token None: non-finite logits); if it raises, each row alone from the same
-    generator states, so that seeded sequences draw exactly what they would have drawn, and the rows that still
-    raise are ended."""
+    """The sampler over the batch (token None: non-finite logits), guided rows under their grammar's mask; if it
+    raises, each row alone from the same generator states, so that seeded sequences draw exactly what they would
+    have drawn, and the rows that still raise are ended."""
     generators = [s.generator for s in seqs]
     states = [g.get_state() if g is not None else None for g in generators]
     history = [TokenHistory(s.prompt_token_ids, s.output_token_ids) for s in seqs]
     eos = sorted(eos_token_ids)
+    vocab_size = logits.shape[-1]
     try:
-        return sample_batch(logits, [s.params for s in seqs], generators, history, eos)
+        masks = token_masks([s.guided for s in seqs], vocab_size)
+        return sample_batch(logits, [s.params for s in seqs], generators, history, eos, masks)
     except Exception:
         log.exception("sampling %d sequences failed; sampling each alone", len(seqs))
     tokens: list[int | None] = [None] * len(seqs)
@@ -98,8 +101,9 @@ def sample(
         if generator is not None and state is not None:
             generator.set_state(state)
         try:
+            masks = token_masks([seq.guided], vocab_size)
             (tokens[i],), (logprobs[i],) = sample_batch(
-                logits[i : i + 1], [seq.params], [generator], history[i : i + 1], eos
+                logits[i : i + 1], [seq.params], [generator], history[i : i + 1], eos, masks
             )
         except Exception as exc:  # this row alone fails to sample
             fail(seq, f"internal error while sampling: {_describe(exc)}")

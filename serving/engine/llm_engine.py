@@ -24,6 +24,7 @@ from ..models.quant import weight_bytes
 from . import isolation
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .guided import GrammarCompiler, GuidedState
 from .model_runner import ModelRunner, PromptLogprobSpan, prompt_logprob_spans
 from .request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 from .scheduler import Scheduler
@@ -73,6 +74,8 @@ class LLMEngine:
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # Structured output: the API compiles requests' grammars with it; their stop tokens are our EOS ids.
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size, sorted(self.eos_token_ids))
         kv_dtype = config.torch_kv_cache_dtype
         per_block = KVCache.bytes_per_block(mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, kv_dtype)
         num_blocks = config.num_kv_blocks or max(2, int(config.kv_cache_gb * 2**30) // per_block)
@@ -221,6 +224,7 @@ class LLMEngine:
                     adapter_kind=None if served is None else served.kind,
                     prefix_len=prefix_len,
                     generator=generator,
+                    guided=None if params.guided is None else GuidedState(params.guided),
                     tenant=tenant,
                     prompt_logprobs=None if params.prompt_logprobs is None else [None],
                 )
@@ -294,7 +298,8 @@ class LLMEngine:
             seq.pending_logprobs.append(lp)
         p = seq.params
         reason = None
-        if self._stops(seq, token):
+        # the grammar ended (even under ignore_eos): its matcher advances with every token, so it is asked first
+        if (seq.guided is not None and seq.guided.advance(token)) or self._stops(seq, token):
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens or seq.cache_len(seq.num_tokens) >= self.max_model_len:
             reason = FinishReason.LENGTH

@@ -9,6 +9,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .guided import Grammar
 
 
 class FinishReason(enum.StrEnum):
@@ -58,6 +62,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None  # logprobs of each prompt token (and the top k) given the ones before it
+    guided: Grammar | None = None  # structured output: each choice's tokens follow this compiled grammar
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

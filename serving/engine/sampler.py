@@ -17,6 +17,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from .guided import TokenMasks, apply_token_masks
 from .logits_processors import TokenHistory, process_logits
 from .request import SamplingParams, TokenLogprob
 
@@ -59,20 +60,23 @@ def sample(
     generators: list[torch.Generator | None],
     history: list[TokenHistory] | None = None,
     eos_token_ids: Seq[int] = (),
+    masks: TokenMasks | None = None,
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """logits: [N, V] float32, one row per sequence that samples this step; `history`: each row's prompt and output
-    tokens (what penalties, min_tokens and bad words read; required when a row uses one). Returns token ids (None
-    for a row whose logits are not finite) and logprobs."""
+    tokens (what penalties, min_tokens and bad words read; required when a row uses one); `masks`: the tokens each
+    guided row may choose (structured output), applied after the processors. Returns token ids (None for a row whose
+    logits are not finite) and logprobs."""
     finite = torch.isfinite(logits).all(-1).tolist()
     if history is None and any(p.processes_logits for p in params):
         raise ValueError("penalties, min_tokens, logit_bias and bad words need each row's token history")
     processed = logits if history is None else process_logits(logits, params, history, eos_token_ids)
-    tokens: list[int | None] = processed.argmax(-1).tolist()  # every greedy row, and a default for the rest
+    choosable = apply_token_masks(processed, masks)  # a guided row keeps its grammar's tokens only
+    tokens: list[int | None] = choosable.argmax(-1).tolist()  # every greedy row, and a default for the rest
     for i, p in enumerate(params):
         if not finite[i]:
             tokens[i] = None
         elif not p.greedy:
-            tokens[i] = _draw(processed[i], p, generators[i])
+            tokens[i] = _draw(choosable[i], p, generators[i])
     logprobs: list[TokenLogprob | None] = [None] * len(params)
     wants = [i for i, p in enumerate(params) if p.logprobs is not None and finite[i]]
     if wants:

@@ -11,6 +11,7 @@ import torch
 from switchboard.adapters_store.kinds import Adapter, AdapterKind
 
 from .detokenizer import IncrementalDetokenizer
+from .guided import GuidedState
 from .request import FinishReason, SamplingParams, TokenLogprob
 
 
@@ -34,6 +35,7 @@ class Sequence:
     prefix_len: int = 0  # cache positions filled by a prefix adapter before the first real token
     prefix_written: bool = False  # the prefix keys and values are in this sequence's blocks
     generator: torch.Generator | None = None
+    guided: GuidedState | None = None  # its place in the request's grammar (structured output)
     tenant: str = ""  # fair admission takes turns over tenants
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
