@@ -27,7 +27,14 @@ class ServeProcess:
     """`switchboard serve --model MODEL --store STORE --port PORT *flags`, run in `workdir` with its output appended
     to `workdir/serve.log`; answering /health when the constructor returns. The store defaults to `workdir/store`."""
 
-    def __init__(self, workdir: Path, model: Path, *flags: str, store: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        model: Path,
+        *flags: str,
+        store: Path | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "serve.log"
@@ -36,7 +43,7 @@ class ServeProcess:
         cmd += ["--store", str(self.store), "--port", str(self.port), *flags]
         self._log = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        deadline = time.monotonic() + startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
@@ -48,7 +55,7 @@ class ServeProcess:
                 time.sleep(0.2)
         self.stop()
         log = self.log.read_text()
-        raise RuntimeError(f"switchboard serve did not answer /health in {STARTUP_TIMEOUT_S} s:\n{log}")
+        raise RuntimeError(f"switchboard serve did not answer /health in {startup_timeout_s} s:\n{log}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
