@@ -101,7 +101,7 @@ $(VLLM_STAMP): pyproject.toml requirements/cpu.txt
 	# against the CPU torch, and nothing here needs them.
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# Our project: what vLLM brought stays, the rest at our lock's versions; then the lock's fastapi over vLLM's older
-	# pin (our API needs it; vLLM's engine does not import fastapi, only its own HTTP server does).
+	# pin (our API needs it; vLLM's engine, all we use of vLLM, imports fastapi but runs with it: tests/vllm_backend).
 	$(VLLM_PY) requirements/vllm_constraints.py requirements/cpu.txt > $(VLLM_VENV)/constraints.txt
 	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt --no-build-isolation -e . pytest
 	$(VLLM_PY) -m pip install -q --no-deps "$$(grep -i '^fastapi==' requirements/cpu.txt)"
