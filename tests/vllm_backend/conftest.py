@@ -32,8 +32,9 @@ os.environ.update(
     }
 )
 
-# vLLM imports for most of a minute on two busy cores, then starts its engine process.
-STARTUP_S = 600  # both servers: the native one builds its C++ kernels first (over 2 minutes on a busy machine)
+# A start takes 2-4 minutes on two busy cores: vLLM imports for about a minute, then starts its engine process; the
+# native server builds its C++ kernels in the session's fresh cache first.
+STARTUP_S = 600
 MAX_MODEL_LEN = 512
 # The same context and float32 on both backends: greedy tokens must agree.
 COMMON_FLAGS = ("--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN))
