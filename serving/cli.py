@@ -90,6 +90,20 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="with --replicas: join this Ray cluster (e.g. HEAD:6379 from `ray start --head`) instead of starting one",
     )
+    p.add_argument(
+        "--backend",
+        default="native",
+        choices=["native", "vllm"],
+        help="the engine behind the API: ours, or vLLM's (pip install switchboard[vllm]; LoRA adapters only)",
+    )
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs per pipeline stage")
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, help="--backend vllm: pipeline stages")
+    p.add_argument(
+        "--distributed-executor-backend",
+        default=None,
+        choices=["mp", "ray", "uni"],
+        help="--backend vllm: how vLLM runs its workers (ray: across the nodes of a Ray cluster)",
+    )
     p.add_argument("--log-level", default="info")
 
 
@@ -197,8 +211,8 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .api.app import create_app
+    from .backends import create_engine
     from .config import ServeConfig
-    from .engine.async_engine import AsyncEngine
 
     config = ServeConfig(
         model=model_dir(args.model),
@@ -224,6 +238,10 @@ def _serve(args: argparse.Namespace) -> None:
         code_lora_slots=args.code_lora_slots,
         nf4_path=args.nf4_kernel,
         metrics_per_adapter=args.metrics_per_adapter,
+        backend=args.backend,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         replicas=args.replicas,
         ray_address=args.ray_address,
         **store_settings(args),
@@ -233,7 +251,7 @@ def _serve(args: argparse.Namespace) -> None:
 
         serve_replicas(config)
         return
-    engine = AsyncEngine(config)
+    engine = create_engine(config)
     stats = engine.stats()
     weights = engine.base_weight_bytes
     linear_kind = "NF4" if config.quantize == "nf4" else config.dtype
@@ -244,9 +262,12 @@ def _serve(args: argparse.Namespace) -> None:
     )
     for name, kind in sorted(engine.adapter_kinds.items()):
         merged = " (merged into the weights)" if name == engine.merged_adapter else ""
-        print(f"switchboard: adapter {name} ({kind}) from {config.adapters[name]}{merged}", flush=True)
+        refused = engine.refuses_kind(kind)
+        unserved = f" (not served: {refused}; requests answer 422)" if refused else ""
+        print(f"switchboard: adapter {name} ({kind}) from {config.adapters[name]}{merged}{unserved}", flush=True)
     print(
-        f"switchboard: serving {config.served_model_name} ({config.model}) dtype={config.dtype} "
+        f"switchboard: serving {config.served_model_name} ({config.model}) backend={config.backend} "
+        f"dtype={config.dtype} "
         f"device={config.torch_device} context={engine.max_model_len} kv_blocks={stats.num_kv_blocks}"
         f"x{config.block_size} on http://{config.host}:{config.port}",
         flush=True,

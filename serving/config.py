@@ -61,6 +61,12 @@ class ServeConfig:
     # /metrics series labelled with adapter ids (which name tenants' adapters); off: usage as base/other only
     metrics_per_adapter: bool = False
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
+    # Which engine serves requests behind the one HTTP API (serving/backends.py): our own, or vLLM's AsyncLLM (LoRA
+    # adapters only; the three settings below pass through to vLLM for multi-GPU and multi-node serving).
+    backend: Literal["native", "vllm"] = "native"
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None  # None: vLLM's choice
     # Replicas of the engine behind Ray Serve's proxy, routed by adapter (serving/replicas/); None: one process, no Ray
     replicas: int | None = None
     ray_address: str | None = None  # join this Ray cluster (`ray start --head` printed it); None: start a local one
@@ -97,6 +103,26 @@ class ServeConfig:
             raise ValueError("--merge-adapter cannot be combined with --quantize nf4: adapters run unmerged on NF4")
         if self.served_model_name is None:
             self.served_model_name = self.model.resolve().name
+        self._check_backend()
+
+    def _check_backend(self) -> None:
+        if self.backend not in ("native", "vllm"):
+            raise ValueError(f"--backend must be native or vllm, got {self.backend!r}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
+        if self.backend == "native":
+            if (self.tensor_parallel_size, self.pipeline_parallel_size) != (1, 1) or self.distributed_executor_backend:
+                raise ValueError(
+                    "--tensor-parallel-size, --pipeline-parallel-size and --distributed-executor-backend "
+                    "need --backend vllm"
+                )
+            return
+        if self.replicas is not None:
+            raise ValueError("--replicas runs the native engine only; for vLLM, scale out with its own options")
+        if self.merge_adapter is not None:
+            raise ValueError("--merge-adapter is not available with --backend vllm (it serves LoRA adapters unmerged)")
+        if self.quantize != "none":
+            raise ValueError("--quantize nf4 is not available with --backend vllm")
 
     @property
     def torch_dtype(self) -> torch.dtype:

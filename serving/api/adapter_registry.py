@@ -7,6 +7,7 @@ host tier and the engine.
   limits, then committed (a new sha256-addressed version); the parsed adapter goes straight into the host tier.
 - The engine names each version `owner/id@sha` (`StoredAdapter.key`): an overwrite makes a new name, requests already
   running keep the old one, and the old version is retired from the device once they finish.
+- An engine that cannot serve some kinds (vLLM: LoRA only) refuses them at upload with 422 and the reason.
 Methods that touch the disk are synchronous; the routes run them in worker threads.
 """
 
@@ -75,6 +76,14 @@ def unprocessable(exc: Exception) -> ApiError:
     return ApiError(422, f"Invalid adapter: {exc}", code="invalid_adapter")
 
 
+def kind_not_served(adapter_id: str, reason: str) -> ApiError:
+    return ApiError(422, f"The adapter `{adapter_id}` cannot be served: {reason}.", code="unsupported_adapter_kind")
+
+
+def serves_every_kind(_: str) -> str | None:
+    return None
+
+
 class AdapterRegistry:
     def __init__(
         self,
@@ -84,6 +93,7 @@ class AdapterRegistry:
         base: BaseModelShape,
         host: HostCache,
         retire: Callable[[str], None],  # tell the engine a version is no longer current
+        refuses_kind: Callable[[str], str | None] = serves_every_kind,  # the engine's reason not to serve a kind
     ) -> None:
         self.config = config
         self.store = store
@@ -91,6 +101,7 @@ class AdapterRegistry:
         self.base = base
         self.host = host
         self.retire = retire
+        self.refuses_kind = refuses_kind
         self._lock = threading.Lock()
         self._public: dict[str, StoredAdapter] = {}
         self._public_generation = -1
@@ -153,6 +164,25 @@ class AdapterRegistry:
             return self.host.get(ref.key, lambda: load_adapter(self.store.path(stored), self.base, ref.key))
         except (FileNotFoundError, AdapterError) as exc:
             raise not_found(ref.id) from exc
+
+    def directory(self, ref: AdapterRef) -> Path | None:
+        """The PEFT directory of a store version, for engines that load adapters themselves; None for start-up ones.
+        A version deleted meanwhile answers 404."""
+        stored = ref.stored
+        if stored is None:
+            return None
+        path = self.store.path(stored)
+        if not path.is_dir():
+            raise not_found(ref.id)
+        return path
+
+    def require_servable(self, tenant: Tenant, adapter_id: str) -> AdapterRef:
+        """`require`, and 422 when the engine cannot serve the adapter's kind (e.g. uploaded under another backend)."""
+        ref = self.require(tenant, adapter_id)
+        reason = self.refuses_kind(ref.kind)
+        if reason is not None:
+            raise kind_not_served(adapter_id, reason)
+        return ref
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def upload(
@@ -281,6 +311,9 @@ class AdapterRegistry:
 
     def _check_limits(self, adapter: Adapter) -> None:
         c = self.config
+        reason = self.refuses_kind(adapter.kind.value)
+        if reason is not None:
+            raise unprocessable(AdapterError(reason))
         if isinstance(adapter, LoraAdapter) and adapter.rank > c.max_lora_rank:
             raise unprocessable(
                 AdapterError(f"LoRA rank {adapter.rank} exceeds this server's limit --max-lora-rank {c.max_lora_rank}")

@@ -49,7 +49,7 @@ from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionReq
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.guided import Grammar, GrammarCompiler, GuidedError
-from switchboard.serving.engine.request import RequestOutput, SamplingParams
+from switchboard.serving.engine.request import AdapterInput, RequestOutput, SamplingParams
 from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
 
 # Status for a client that went away before its (non-streamed) response was ready; nobody reads it, the metrics do.
@@ -58,7 +58,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat
 
 
 class Engine(Protocol):
-    """What the API needs of `AsyncEngine`."""
+    """What the API needs of an engine (`serving/backends.py`: `AsyncEngine`, or vLLM's behind `VllmEngine`)."""
 
     tokenizer: PreTrainedTokenizerBase
     model_name: str
@@ -67,7 +67,8 @@ class Engine(Protocol):
     merged_adapter: str | None  # the adapter folded into the weights (then the base model is not served)
     base_shape: BaseModelShape  # what uploads are validated against
     base_weight_bytes: dict[str, int]  # {"linear", "other", "total"}: the base model's weights as held (NF4 or dense)
-    grammars: GrammarCompiler  # structured output's grammars, compiled for this model's tokenizer
+    grammars: GrammarCompiler | None  # structured output's grammars for this model's tokenizer (None: not offered)
+    adapter_input: AdapterInput  # what `generate(adapter=...)` takes for an uploaded version
 
     def start(self) -> None: ...
 
@@ -80,6 +81,8 @@ class Engine(Protocol):
     def stats(self) -> StatsSource: ...
 
     def retire_adapter(self, adapter_id: str) -> None: ...
+
+    def refuses_kind(self, kind: str) -> str | None: ...
 
     def adapter_stats(self) -> DeviceStats: ...
 
@@ -124,7 +127,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     install_openapi(app, bearer=authenticate.multi_tenant)
     host = HostCache(config.max_host_adapters, on_load=metrics.adapter_load_seconds.observe)
     store = AdapterStore(config.store)
-    registry = AdapterRegistry(config, store, engine.adapter_kinds, engine.base_shape, host, engine.retire_adapter)
+    registry = AdapterRegistry(
+        config, store, engine.adapter_kinds, engine.base_shape, host, engine.retire_adapter, engine.refuses_kind
+    )
+    adapter_input = {AdapterInput.PARSED: registry.parsed, AdapterInput.DIRECTORY: registry.directory}[
+        engine.adapter_input
+    ]
     metrics.watch_adapters(engine.adapter_stats, host, store)
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
@@ -156,14 +164,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     ) -> Response:
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
         params.guided = await compile_guided(body)
-        engine_adapter, parsed = None, None
+        engine_adapter, adapter = None, None
         if resolved.adapter_id is not None:
-            ref = registry.require(tenant, resolved.adapter_id)
+            ref = registry.require_servable(tenant, resolved.adapter_id)
             engine_adapter = ref.key
             timer.adapter = ref.key if ref.stored is None else f"{ref.stored.owner}/{ref.id}"
-            if ref.stored is not None:  # disk -> host tier in a worker thread, before the engine sees the request
-                parsed = await asyncio.get_running_loop().run_in_executor(parser, registry.parsed, ref)
-        generate = functools.partial(engine.generate, adapter=parsed, tenant=tenant.name)
+            if ref.stored is not None:  # disk -> host tier (or the version's directory) in a worker thread
+                adapter = await asyncio.get_running_loop().run_in_executor(parser, adapter_input, ref)
+        generate = functools.partial(engine.generate, adapter=adapter, tenant=tenant.name)
         generation = Generation(generate, request_id, prompts, params, engine_adapter, timer)
         try:
             await unless_disconnected(request, generation.start())
@@ -194,6 +202,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         if asked is None:
             return None
         param, spec = asked
+        if engine.grammars is None:
+            raise bad_request(f"`{param}`: structured output is not available with --backend vllm", param=param)
         try:
             return await asyncio.get_running_loop().run_in_executor(grammar_pool, engine.grammars.compile, spec)
         except GuidedError as exc:

@@ -19,7 +19,7 @@ from switchboard.adapters_store.kinds import Adapter
 
 from ..config import ServeConfig
 from .llm_engine import EngineStats, LLMEngine
-from .request import EngineOverloaded, RequestOutput, SamplingParams
+from .request import AdapterInput, EngineOverloaded, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class AdapterStats:
 
 
 class AsyncEngine:
+    adapter_input = AdapterInput.PARSED  # uploads reach the step thread parsed (the API's host tier)
+
     def __init__(self, config: ServeConfig, engine: LLMEngine | None = None) -> None:
         self.config = config
         self.engine = engine or LLMEngine(config)
@@ -155,6 +157,10 @@ class AsyncEngine:
             counts.update(self._pending_by_tenant)
         counts[tenant] += 0
         return counts[tenant] >= self.config.max_waiting / (len(counts) + 1)
+
+    def refuses_kind(self, kind: str) -> str | None:
+        """Why requests for adapters of `kind` cannot be served here (None: every kind is)."""
+        return None
 
     def retire_adapter(self, adapter_id: str) -> None:
         """An overwritten or deleted version: requests running on it finish, then it leaves the device."""

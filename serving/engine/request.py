@@ -22,6 +22,14 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # this sequence alone failed in a step (`RequestOutput.error` says why); the batch went on
 
 
+class AdapterInput(enum.Enum):
+    """What an engine takes with a request for an uploaded adapter version: the parsed tensors (the API's host tier
+    parses them) or the version's PEFT directory in the store (an engine that loads adapters itself, like vLLM)."""
+
+    PARSED = "parsed"
+    DIRECTORY = "directory"
+
+
 class EngineOverloaded(RuntimeError):
     """The waiting queue is at its bound; the API answers 429 with Retry-After."""
 

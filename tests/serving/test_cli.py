@@ -3,6 +3,7 @@ adapter store of the test's (an adapter a user uploaded to the default store is 
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,29 @@ def test_invalid_flags_are_refused(tiny_model_dir: Path, tmp_path: Path, flag: s
     cmd = [str(script), "serve", "--model", str(tiny_model_dir), flag]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert res.returncode == 2 and "must be at least 1" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tensor-parallel-size", "2"], "need --backend vllm"),
+        (["--distributed-executor-backend", "ray"], "need --backend vllm"),
+        (["--backend", "vllm", "--quantize", "nf4"], "not available with --backend vllm"),
+        (["--backend", "vllm", "--tensor-parallel-size", "0"], "must be at least 1"),
+    ],
+)
+def test_backend_flags_are_checked_before_anything_loads(
+    tiny_model_dir: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    script = Path(sys.executable).with_name("switchboard")
+    cmd = [str(script), "serve", "--model", str(tiny_model_dir), *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_backend_vllm_without_vllm_says_how_to_install_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("switchboard")
+    cmd = [str(script), "serve", "--model", str(tiny_model_dir), "--backend", "vllm"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert res.returncode == 2 and "pip install 'switchboard[vllm]'" in res.stderr, res.stderr
