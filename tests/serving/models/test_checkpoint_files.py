@@ -17,8 +17,7 @@ from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
 from switchboard.serving.engine.request import SamplingParams
 from switchboard.serving.models.config import ModelConfig
 
-LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-LLAMA3_SCALING["original_max_position_embeddings"] = 64
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
 
 
 @pytest.fixture
