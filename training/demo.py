@@ -55,8 +55,8 @@ DEMO_TASKS: dict[str, DemoTask] = {
 }
 
 # One chat task per kind for the real model (SmolLM2-135M-Instruct), 96 questions (24 more held out). The model
-# already answers them; the adapter changes the form, which one epoch (12 steps of 8 rows) teaches. Measured on a
-# GPU at 1, 2 and 3 epochs: more epochs gave no better held-out form and lost it for prefix tuning (3 epochs).
+# already answers them; the adapter changes the form, which one epoch (12 steps of 8 rows) teaches, in a few minutes
+# on 2 CPU threads (docs/real-model.md has the scores and a sweep over epochs).
 CHAT_EVAL_FRACTION = 0.2
 CHAT_TASKS: dict[str, DemoTask] = {
     "demo-prefix": DemoTask(TrainKind.PREFIX, "chat/persona.jsonl", epochs=1),
