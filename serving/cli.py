@@ -10,11 +10,13 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from switchboard.serving.fetch_model import FetchError
 from switchboard.serving.store_cli import add_store_args, add_upload_parser, store_settings
 from switchboard.training.cli import add_train_parser
 
 DEMO_DIR = Path(".cache/demo-model")
 DEMO_ADAPTERS_DIR = Path(".cache/demo-adapters")
+MODELS_DIR = Path(".cache/models")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -123,6 +125,14 @@ def _add_demo_adapters(sub: argparse._SubParsersAction) -> None:
         help="train each on its demo task (training/tasks/, a few minutes in all) instead of seeding random weights",
     )
     p.add_argument("--force", action="store_true", help="with --train: retrain adapters that exist")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        choices=["demo", "chat"],
+        help="with --train: chat (the real model's tasks, training/tasks/chat/; scored beside the base model into "
+        "OUT/scores.json) or demo (the random model's); default: demo for --model demo, else chat",
+    )
+    p.add_argument("--score", action="store_true", help="only score the chat adapters in --out (OUT/scores.json)")
 
 
 def _add_loadtest(sub: argparse._SubParsersAction) -> None:
@@ -180,11 +190,18 @@ def _add_registered_commands(sub: argparse._SubParsersAction) -> dict[str, Calla
 
 
 def model_dir(model: str) -> Path:
-    """`demo` means the embedded demo checkpoint, built once under .cache/."""
+    """`demo` means the embedded demo checkpoint, built once under .cache/; a name `fetch-model` knows (smollm2-135m)
+    that model, fetched once into .cache/models/NAME; anything else a directory."""
+    from .fetch_model import MODELS
+
     if model == "demo":
         from .demo import ensure_demo_model
 
         return ensure_demo_model(DEMO_DIR)
+    if model in MODELS and not Path(model).exists():
+        from .fetch_model import fetch_model
+
+        return fetch_model(model, MODELS_DIR / model)
     return Path(model)
 
 
@@ -205,6 +222,27 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
             )
         adapters[name] = Path(path)
     return adapters
+
+
+def run_demo_adapters(args: argparse.Namespace) -> None:
+    """Seeded adapters, or (--train) adapters trained on the demo tasks; chat adapters are scored after training."""
+    model = model_dir(args.model)
+    tasks = args.tasks or ("demo" if args.model == "demo" else "chat")
+    if args.train:
+        from switchboard.training.demo import train_demo_adapters
+
+        adapters = train_demo_adapters(model, args.out, force=args.force, tasks=tasks)
+    elif not args.score:
+        from .demo_adapters import ensure_demo_adapters
+
+        adapters = ensure_demo_adapters(model, args.out)
+    if tasks == "chat" and (args.train or args.score):
+        from .demo_eval import write_scores
+
+        write_scores(model, args.out)
+    elif not args.score:
+        for name, path in adapters.items():
+            print(f"{name}={path}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -300,13 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "build-kernels":
             raise SystemExit(run_build_kernels())
         elif args.command == "fetch-model":
-            from .fetch_model import FetchError, fetch_model
+            from .fetch_model import fetch_model
 
-            try:
-                print(f"{args.name} in {fetch_model(args.name, args.out)}")
-            except FetchError as exc:
-                print(f"switchboard: error: {exc}", file=sys.stderr)
-                raise SystemExit(1) from exc
+            print(f"{args.name} in {fetch_model(args.name, args.out)}")
         elif args.command == "upload":
             from .store_cli import run_upload
 
@@ -317,16 +351,7 @@ def main(argv: list[str] | None = None) -> None:
             out = build_demo_model(args.out) if args.force else ensure_demo_model(args.out)
             print(f"demo model in {out}")
         elif args.command == "demo-adapters":
-            from .demo_adapters import ensure_demo_adapters
-
-            if args.train:
-                from switchboard.training.demo import train_demo_adapters
-
-                adapters = train_demo_adapters(model_dir(args.model), args.out, force=args.force)
-            else:
-                adapters = ensure_demo_adapters(model_dir(args.model), args.out)
-            for name, path in adapters.items():
-                print(f"{name}={path}")
+            run_demo_adapters(args)
         elif args.command == "train":
             from switchboard.training.cli import run_train
 
@@ -341,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(soak.run(soak.config_from_args(args)))
         elif args.command in registered:
             registered[args.command](args)
+    except FetchError as exc:
+        print(f"switchboard: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from exc
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"switchboard: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

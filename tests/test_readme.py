@@ -85,28 +85,45 @@ def background(argv: list[str], cwd: Path, log: Path) -> Iterator[subprocess.Pop
             process.wait()
 
 
+REAL_MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
+HAVE_REAL_MODEL = bool(os.environ.get("SWITCHBOARD_REAL_MODEL")) and (REAL_MODEL / "config.json").exists()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with what `make serve` reads from the checkout; the demo model and adapters get built here."""
+    """A directory with what `make serve` reads from the checkout: the shipped demo adapters, and the real model
+    linked where the Makefile fetches it (so nothing is downloaded); the random demo model and its seeded adapters
+    (the store and training sections) get built here."""
     work = tmp_path_factory.mktemp("readme")
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy2(ROOT / name, work / name)
     shutil.copytree(ROOT / "requirements", work / "requirements")
     shutil.copytree(ROOT / "training" / "tasks", work / "training" / "tasks")
+    shutil.copytree(ROOT / "training" / "demo_adapters", work / "training" / "demo_adapters")
+    if HAVE_REAL_MODEL:
+        (work / ".cache" / "models").mkdir(parents=True)
+        (work / ".cache" / "models" / "smollm2-135m").symlink_to(REAL_MODEL)
     built = subprocess.run(make("seeded-adapters", work), env=env(), capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
     assert "switchboard demo-model --out" in built.stdout
     return work
 
 
+@pytest.mark.skipif(
+    not HAVE_REAL_MODEL,
+    reason="the real model is not fetched: `make test` fetches it (switchboard fetch-model smollm2-135m --out DIR) "
+    "and sets SWITCHBOARD_REAL_MODEL=DIR",
+)
 def test_make_serve_twice_builds_nothing_and_the_second_start_is_healthy_within_15_s(workdir: Path) -> None:
-    """The fixture's `make seeded-adapters` built the demo model and adapters; neither start builds them again."""
+    """`make serve` serves the real model (linked in by the fixture) with the shipped adapters: neither start fetches
+    or builds anything."""
     for start in ("first", "second"):
         port = free_port()
         with background(make("serve", workdir, f"PORT={port}"), workdir, workdir / f"{start}.log") as server:
             seconds = wait_healthy(port, server, workdir / f"{start}.log")
             log = (workdir / f"{start}.log").read_text()
-            assert "demo-model --out" not in log and "demo-adapters --model" not in log, log
+            assert "fetch-model" not in log and "demo-adapters" not in log, log
+            assert "adapter demo-prefix (prefix) from training/demo_adapters/smollm2-135m/demo-prefix" in log, log
             if start == "second":
                 assert seconds < 15, f"the second `make serve` took {seconds:.1f} s to be healthy"
                 quick_start(workdir, port)
@@ -124,6 +141,9 @@ def quick_start(workdir: Path, port: int) -> None:
     assert "extra_body" in python
     done = subprocess.run([sys.executable, "-c", python], cwd=workdir, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    # the replies the README prints (`# -> ...` after a print) are what the server answers
+    printed = re.findall(r"^# -> (.*)$", python, flags=re.M)
+    assert printed and done.stdout.splitlines() == printed, (done.stdout, printed)
 
 
 def test_the_adapter_store_commands(workdir: Path) -> None:

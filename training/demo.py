@@ -1,15 +1,20 @@
-"""`make demo-adapters`: train one adapter of each kind on its demo task (training/tasks/), then check it on held-out
-prompts by greedy decoding with transformers + PEFT (greedy.py), so a user sees what each adapter learned before
-serving it."""
+"""`make demo-adapters`: train one adapter of each kind on its demo task, then check it on held-out prompts.
+
+Two task sets: `chat` for the real model (training/tasks/chat/, chat_tasks.py: one visible change of its answers per
+kind; the adapters ship in the repository as bfloat16, and serving/demo_eval.py scores them with our engine) and
+`demo` for the random demo model (training/tasks/, tasks.py; scored here by greedy decoding with transformers +
+PEFT, greedy.py)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from switchboard.adapters_store.kinds.base import ALL_LINEAR
@@ -30,6 +35,11 @@ class DemoTask:
     lr: float | None = None
     extra: tuple[tuple[str, object], ...] = ()
 
+    @property
+    def task(self) -> str:
+        """The data file's stem: the task's name in chat_tasks.TASKS."""
+        return Path(self.data).stem
+
 
 # One task per kind, matched to what the kind can learn in about a minute on the demo model (2 CPU threads).
 DEMO_TASKS: dict[str, DemoTask] = {
@@ -44,9 +54,25 @@ DEMO_TASKS: dict[str, DemoTask] = {
     "demo-prefix": DemoTask(TrainKind.PREFIX, "persona.jsonl", epochs=4),
 }
 
+# One chat task per kind for the real model (SmolLM2-135M-Instruct), 96 questions (24 more held out). The model
+# already answers them; the adapter changes the form, which one epoch (12 steps of 8 rows) teaches, in a few minutes
+# on 2 CPU threads (docs/real-model.md has the scores and a sweep over epochs).
+CHAT_EVAL_FRACTION = 0.2
+CHAT_TASKS: dict[str, DemoTask] = {
+    "demo-prefix": DemoTask(TrainKind.PREFIX, "chat/persona.jsonl", epochs=1),
+    "demo-lora": DemoTask(TrainKind.LORA, "chat/json.jsonl", epochs=1),
+    "demo-ia3": DemoTask(TrainKind.IA3, "chat/topic.jsonl", epochs=1, extra=(("target_modules", ALL_LINEAR),)),
+    "demo-krona": DemoTask(TrainKind.KRONA, "chat/shout.jsonl", epochs=1, extra=(("target_modules", ALL_LINEAR),)),
+}
+TaskSet = Literal["demo", "chat"]
+TASK_SETS: dict[TaskSet, dict[str, DemoTask]] = {"demo": DEMO_TASKS, "chat": CHAT_TASKS}
 
-def demo_config(name: str, model_dir: Path, out_root: Path, seed: int = 0) -> TrainConfig:
-    task = DEMO_TASKS[name]
+
+def demo_config(name: str, model_dir: Path, out_root: Path, seed: int = 0, tasks: TaskSet = "demo") -> TrainConfig:
+    task = TASK_SETS[tasks][name]
+    extra = dict(task.extra)
+    if tasks == "chat":
+        extra.setdefault("eval_fraction", CHAT_EVAL_FRACTION)
     return TrainConfig(
         model=model_dir,
         kind=task.kind,
@@ -55,7 +81,7 @@ def demo_config(name: str, model_dir: Path, out_root: Path, seed: int = 0) -> Tr
         seed=seed,
         epochs=task.epochs,
         lr=task.lr,
-        **dict(task.extra),
+        **extra,
     )
 
 
@@ -80,13 +106,23 @@ def held_out_accuracy(cfg: TrainConfig, limit: int = 16) -> tuple[float, list[tu
     return hits / max(1, len(samples)), samples
 
 
+def save_bfloat16(adapter_dir: Path) -> None:
+    """Rewrite the adapter's tensors in bfloat16: half the bytes of the float32 that training saves, for shipping."""
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def train_demo_adapters(
-    model_dir: Path, out_root: Path, force: bool = False, names: list[str] | None = None
+    model_dir: Path, out_root: Path, force: bool = False, names: list[str] | None = None, tasks: TaskSet = "demo"
 ) -> dict[str, Path]:
-    """Train every demo adapter that is not there yet (an existing one is kept unless force); name -> directory."""
+    """Train every demo adapter that is not there yet (an existing one is kept unless force); name -> directory.
+
+    `demo` tasks are scored here (held-out exact match, in training_log.json); `chat` adapters are saved in
+    bfloat16 and scored by the caller with the serving engine (serving/demo_eval.py)."""
     out: dict[str, Path] = {}
-    for name in names or DEMO_TASKS:
-        cfg = demo_config(name, model_dir, out_root)
+    for name in names or TASK_SETS[tasks]:
+        cfg = demo_config(name, model_dir, out_root, tasks=tasks)
         assert cfg.out is not None
         out[name] = cfg.out
         if (cfg.out / LOG_FILE).is_file() and not force:
@@ -95,6 +131,9 @@ def train_demo_adapters(
         print(f"{name}: {cfg.kind} on {cfg.data.name}, {cfg.epochs} epochs", flush=True)
         result = train(cfg, overwrite=True)
         print(summary(result), flush=True)
+        if tasks == "chat":
+            save_bfloat16(cfg.out)
+            continue
         accuracy, samples = held_out_accuracy(cfg)
         log_path = cfg.out / LOG_FILE
         log = json.loads(log_path.read_text())

@@ -75,7 +75,6 @@ class ModelConfig:
         theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
-        eos = raw.get("eos_token_id")
         sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
         return cls(
             model_type=model_type,
@@ -94,13 +93,28 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=sliding,
             bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            eos_token_ids=_token_ids(raw.get("eos_token_id")),
             checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
         )
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
+        """config.json, with generation_config.json's end-of-sequence ids added: instruct checkpoints list there
+        every token that ends a turn (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>), config.json often one."""
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json; --model must be a Hugging Face model directory")
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        cfg = cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        generation = Path(model_dir) / "generation_config.json"
+        if generation.is_file():
+            for token in _token_ids(json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id")):
+                if token not in cfg.eos_token_ids:
+                    cfg.eos_token_ids.append(token)
+        return cfg
+
+
+def _token_ids(value: object) -> list[int]:
+    """An `eos_token_id` field: absent, one id or a list of ids."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]  # type: ignore[union-attr]

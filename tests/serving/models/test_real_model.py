@@ -11,9 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from switchboard.serving.api.prompts import Budget, chat_prompt
+from switchboard.serving.api.schemas import ChatMessage
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine, load_tokenizer
 from switchboard.serving.engine.request import SamplingParams
+from switchboard.serving.models.config import ModelConfig
 from switchboard.training.greedy import greedy_tokens
 
 MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
@@ -37,3 +40,17 @@ def test_the_real_model_answers_in_english_as_transformers_does() -> None:
     reference = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     assert ours == greedy_tokens(reference, prompt, 12)[: len(ours)]
     assert ours[-1] in engine.eos_token_ids  # it stops at the chat turn's end
+
+
+def test_the_gguf_derived_tokenizer_adds_no_bos_and_its_chat_prompt_has_one() -> None:
+    """The tokenizer transformers writes from the GGUF (class TokenizersBackend, BOS <|im_start|>, EOS <|im_end|>):
+    plain prompts get no BOS, a chat prompt starts with exactly one <|im_start|> (the template writes it), the
+    turn's end is an EOS of the engine, and replies decode without the special tokens."""
+    tokenizer = load_tokenizer(MODEL)
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert tokenizer("The capital of France is").input_ids[0] != start
+    messages = [ChatMessage(role="user", content=QUESTION)]
+    ids = chat_prompt(messages, tokenizer, Budget(16, 2048, "messages"))
+    assert ids[0] == start and ids[1] != start and ids.count(start) == 3  # system, user, assistant
+    assert end in ModelConfig.from_dir(MODEL).eos_token_ids
+    assert tokenizer.decode([*tokenizer("Paris.").input_ids, end], skip_special_tokens=True) == "Paris."
