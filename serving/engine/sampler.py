@@ -43,7 +43,9 @@ def sample(
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """logits: [N, V] float32, one row per sequence that samples this step. Returns token ids (None for a row whose
     logits are not finite) and logprobs."""
-    finite = torch.isfinite(logits).all(-1).tolist()
+    # One pass for both ends of each row (NaN propagates into them): cheaper than a [N, V] isfinite mask and all().
+    lo, hi = torch.aminmax(logits, dim=-1)
+    finite = (torch.isfinite(lo) & torch.isfinite(hi)).tolist()
     tokens: list[int | None] = logits.argmax(-1).tolist()  # every greedy row, and a default for the rest
     for i, p in enumerate(params):
         if not finite[i]:
