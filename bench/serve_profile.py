@@ -28,9 +28,8 @@ ENGINE_THREAD = "switchboard-engine"
 MAIN_THREAD = "MainThread"
 
 # (category, substrings any of which in the stack puts a sample there); the first rule that matches wins.
-GIL = ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread", "PyGILState_Ensure", "drop_gil")
 ENGINE_RULES: list[tuple[str, tuple[str, ...]]] = [
-    ("idle: waiting for requests", ("SimpleQueue.get", "queue.py")),
+    ("idle: waiting for requests", ("_queue_SimpleQueue_get",)),
     ("sampling", ("sampler.py", "sample (engine/isolation.py")),
     ("logits (lm_head product)", ("LlamaModel.logits",)),
     ("scheduling", ("scheduler.py", "block_manager.py")),
@@ -53,10 +52,26 @@ LOOP_RULES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+GIL = ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread", "PyGILState_Ensure")
+CONDITION_WAITS = ("pthread_cond_wait", "pthread_cond_timedwait", "pthread_cond_clockwait")
+NATIVE_LIBS = ("libtorch", "libc10", "libgomp", "libstdc++", "libdnnl")
+
+
+def gil_wait(frames: list[str]) -> bool:
+    """A thread waiting to take the GIL back. CPython 3.11's take_gil is static (no symbol): it shows as a
+    condition-variable wait called straight from the interpreter or a C module, while torch's own waits are called
+    from libtorch or libgomp and Python's locks wait on semaphores, not condition variables."""
+    inner = [f for f in frames if not f.startswith("0x")]  # unnamed libc frames
+    if any(g in f for f in inner[-3:] for g in GIL):
+        return True
+    if len(inner) < 2 or not any(c in inner[-1] for c in CONDITION_WAITS):
+        return False
+    return not any(lib in inner[-2] for lib in NATIVE_LIBS)
+
+
 def classify(stack: str, rules: list[tuple[str, tuple[str, ...]]]) -> str:
     """The category of one sampled stack: a GIL wait at its innermost frames, else the first matching rule."""
-    leaf = ";".join(stack.split(";")[-6:])
-    if any(g in leaf for g in GIL):
+    if gil_wait(stack.split(";")):
         return "GIL wait"
     for name, needles in rules:
         if any(n in stack for n in needles):
@@ -64,7 +79,7 @@ def classify(stack: str, rules: list[tuple[str, tuple[str, ...]]]) -> str:
     return "other"
 
 
-WAITS = ("epoll_wait", "futex", "pthread_cond", "sem_wait", "select", "poll", "nanosleep", "SimpleQueue.get")
+WAITS = ("epoll_wait", "futex", "pthread_cond", "sem_", "select", "poll", "nanosleep", "_queue_SimpleQueue_get")
 
 
 def busy_samples(stacks: Counter[str]) -> int:
@@ -207,10 +222,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip torch's profiler of the step")
     p.add_argument("--out", type=Path, default=Path("bench-results/serve-profile.json"))
+    p.add_argument("--from-raw", action="store_true", help="re-attribute the raw stacks of the last run (--out)")
     args = p.parse_args(argv)
+    if args.from_raw:
+        report = json.loads(args.out.read_text())
+        for r in report["http"].values():
+            threads = parse_raw(Path(r["raw"]))
+            r["engine"] = breakdown(threads.get(ENGINE_THREAD, Counter()), ENGINE_RULES)
+            r["event_loop"] = breakdown(threads.get(MAIN_THREAD, Counter()), LOOP_RULES)
+        print_breakdown(report["http"])
+        args.out.write_text(json.dumps(report, indent=2))
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[serve-profile] {_uptime()}", flush=True)
-    results = profile_http(args, args.out.parent / "serve-work")
+    results = profile_http(args, args.out.parent / "serve-profile-work")
     print_breakdown(results)
     report: dict[str, object] = {"http": results}
     if args.torch:

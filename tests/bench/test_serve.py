@@ -65,4 +65,10 @@ def test_classify_orders_its_rules() -> None:
         "GIL wait"
     )
     assert classify(f"{step};sample (engine/sampler.py:40)", ENGINE_RULES) == "sampling"
-    assert classify("_run (engine/async_engine.py:210);SimpleQueue.get (queue.py:1)", ENGINE_RULES).startswith("idle")
+    idle = "_run (engine/async_engine.py:224);_queue_SimpleQueue_get (_queuemodule.c.h:177);0x7efc10ca3f16 (libc.so.6)"
+    assert classify(idle, ENGINE_RULES).startswith("idle")
+    # CPython 3.11 waits for the GIL in a condition variable called from the interpreter; torch's waits are its own
+    gil = f"{step};guard (engine/isolation.py:33);pthread_cond_wait (libc.so.6);0x7efc10ca3f16 (libc.so.6)"
+    assert classify(gil, ENGINE_RULES) == "GIL wait"
+    omp = f"{forward};c10::ThreadPool::main_loop (libc10.so);pthread_cond_wait (libc.so.6)"
+    assert classify(omp, ENGINE_RULES) == "forward: linear products"
