@@ -79,7 +79,17 @@ def classify(stack: str, rules: list[tuple[str, tuple[str, ...]]]) -> str:
     return "other"
 
 
-WAITS = ("epoll_wait", "futex", "pthread_cond", "sem_", "select", "poll", "nanosleep", "_queue_SimpleQueue_get")
+WAITS = (
+    "epoll_wait",
+    "futex",
+    "pthread_cond",
+    "sem_",
+    "select",
+    "poll",
+    "nanosleep",
+    "_queue_SimpleQueue_get",
+    "PyThread_acquire_lock",
+)
 
 
 def busy_samples(stacks: Counter[str]) -> int:
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     results = profile_http(args, args.out.parent / "serve-profile-work")
     print_breakdown(results)
     report: dict[str, object] = {"http": results}
+    args.out.write_text(json.dumps(report, indent=2))  # kept if the torch part is interrupted
     if args.torch:
         table = profile_torch(args)
         print("\n### torch profiler, one W run in process (self CPU time)\n")
