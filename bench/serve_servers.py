@@ -135,7 +135,9 @@ def vllm(
         HF_HOME=str(cache / "hf"),
         HF_HUB_OFFLINE="1",
         TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        # GiB of KV cache per server (W needs about 0.1); two vLLM servers at 2 GiB each and 3.2 GB of RSS per worker
+        # were OOM-killed beside ours on a shared 24 GiB machine.
+        VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
         VLLM_CPU_NUM_OF_RESERVED_CPU="0",
     )
     (cache / "tmp").mkdir(parents=True, exist_ok=True)
