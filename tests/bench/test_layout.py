@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OTHERS = ("serving", "adapters_store", "kernels", "loadtest", "training")
-COMMANDS = ("bench", "bench-adapters", "bench-train", "profile")
+COMMANDS = ("bench", "bench-serve", "bench-adapters", "bench-train", "profile")
 
 
 def _imports(path: Path) -> set[str]:

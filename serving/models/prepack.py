@@ -1,0 +1,54 @@
+"""bf16 base weights packed once into oneDNN's blocked layout, for CPU products that do not re-pack every call.
+
+`F.linear` on bf16 CPU tensors runs oneDNN's matmul, which reorders the plain [out, in] weight into its blocked
+layout on every call: at decode sizes (32 rows) the reorder costs about as much as the product. Packing once
+(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU weight freezing does) and multiplying with
+`_linear_pointwise` gives bit-identical results (the same oneDNN kernel runs, minus the reorder).
+
+Applied from outside the model, like quant.py: `prepack_bf16(model)` sets each dense AdapterLinear's base product,
+and the model's logits product, to one reading a packed copy. The packed copy is a snapshot: weights must not change
+afterwards (the engine merges `--merge-adapter` first).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .linear import AdapterLinear
+from .llama import LlamaModel
+
+
+def prepack_available(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+class PackedLinear(nn.Module):
+    """`F.linear(x, weight, bias)` over a weight packed once; same call signature, the weight argument unused."""
+
+    def __init__(self, weight: torch.Tensor, batch_hint: int) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        # An opaque oneDNN tensor, not a Parameter: state_dict and weight_bytes still see the dense weight.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), batch_hint)
+
+    def forward(self, x: torch.Tensor, _weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        # x: [T, in] -> [T, out]
+        if x.shape[0] == 0:  # oneDNN refuses an empty batch
+            return x.new_empty(0, self.out_features)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
+
+
+def prepack_bf16(model: LlamaModel, batch_hint: int) -> int:
+    """Pack every dense bf16 AdapterLinear (NF4 ones keep their own product) and the logits weight; returns how many
+    products were packed. `batch_hint`: the usual number of rows (decode batch size), which oneDNN tunes for."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, AdapterLinear) and module.weight is not None and module.weight.dtype == torch.bfloat16:
+            module.base_matmul = PackedLinear(module.weight, batch_hint)
+            count += 1
+    weight = model.logits_weight()
+    if weight.dtype == torch.bfloat16:
+        model.logits_matmul = PackedLinear(weight, batch_hint)
+        count += 1
+    return count

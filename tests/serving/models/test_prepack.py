@@ -1,0 +1,70 @@
+"""bf16 weights packed once (serving/models/prepack.py) give exactly the products F.linear gives: every shape of
+the model's linears and its logits, decode and prefill row counts, a bias, an empty batch; and an engine's greedy
+tokens are the same with and without packing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.llm_engine import LLMEngine
+from switchboard.serving.engine.request import SamplingParams
+from switchboard.serving.models.linear import AdapterLinear
+from switchboard.serving.models.prepack import PackedLinear, prepack_available
+
+pytestmark = pytest.mark.skipif(
+    not prepack_available(torch.bfloat16, torch.device("cpu")), reason="torch was built without oneDNN"
+)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 32, 33, 300])
+@pytest.mark.parametrize(("out_features", "in_features"), [(1728, 576), (576, 1536), (4096, 576), (96, 64)])
+def test_packed_product_is_bit_identical(rows: int, out_features: int, in_features: int) -> None:
+    g = torch.Generator().manual_seed(rows + out_features)
+    w = torch.randn(out_features, in_features, generator=g).to(torch.bfloat16)
+    b = torch.randn(out_features, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    packed = PackedLinear(w, batch_hint=32)
+    assert torch.equal(packed(x, w, None), F.linear(x, w))
+    assert torch.equal(packed(x, w, b), F.linear(x, w, b))
+    assert packed(x, w, None).shape == (rows, out_features)
+
+
+def test_packed_product_reads_a_non_contiguous_input() -> None:
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    x = torch.randn(96, 10).to(torch.bfloat16).t()  # [10, 96], transposed
+    assert torch.equal(PackedLinear(w, 32)(x, w, None), F.linear(x, w))
+
+
+def _unpack(engine: LLMEngine) -> None:
+    """Back to F.linear: the packed products are registered submodules, removed before a function takes their place."""
+    for lin in engine.model.linears():
+        del lin.base_matmul
+        lin.base_matmul = F.linear
+    del engine.model.logits_matmul
+    engine.model.logits_matmul = F.linear
+
+
+def test_engine_packs_bf16_and_keeps_its_tokens(tiny_model_dir: Path) -> None:
+    engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", kv_cache_gb=0.05))
+    linears = engine.model.linears()
+    assert all(isinstance(lin.base_matmul, PackedLinear) for lin in linears)
+    assert isinstance(engine.model.logits_matmul, PackedLinear)
+    assert all(isinstance(lin, AdapterLinear) and lin.weight is not None for lin in linears)  # dense kept
+    prompts = [[1, *range(5 + i, 5 + i + 11 + 3 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    packed = engine.generate(prompts, params)
+    packed_logits = engine.prompt_logits(prompts[2])
+    _unpack(engine)
+    assert engine.generate(prompts, params) == packed
+    assert torch.equal(engine.prompt_logits(prompts[2]), packed_logits)
+
+
+def test_float32_engine_is_not_packed(tiny_model_dir: Path) -> None:
+    engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="float32", device="cpu", kv_cache_gb=0.05))
+    assert all(lin.base_matmul is F.linear for lin in engine.model.linears())
+    assert engine.model.logits_matmul is F.linear
