@@ -5,7 +5,7 @@ the sampler, beside the plain sampler's own time.
 
 Every sequence follows the same JSON Schema and sits mid-document (inside a string, and between a key and its value),
 as in a batch of JSON requests; `fill` is `token_masks` (xgrammar's batched matcher), `apply` the sampler's masking
-(`apply_token_masks`), `xgr apply` xgrammar's own CPU kernel for comparison, `sample` the whole greedy sampler.
+(`apply_token_masks`, a copy of the logits masked by xgrammar's kernel), `sample` the whole greedy sampler.
 """
 
 from __future__ import annotations
@@ -65,10 +65,6 @@ def measure(model: Path, num_seqs: int, device: str) -> dict[str, float]:
         "sample plain": lambda: sample(logits, params, gens),
         "sample guided": lambda: sample(logits, params, gens, token_masks(states, vocab)),
     }
-    if device == "cpu":
-        import xgrammar as xgr
-
-        fns["xgr apply"] = lambda: xgr.apply_token_bitmask_inplace(logits.clone(), masks.bitmask)
     return {"vocab": vocab, **best_median_us(fns, device)}
 
 
@@ -79,11 +75,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     print(f"per step at {args.num_seqs} sequences on {args.device}, microseconds (median, best of 3 rounds)")
-    print("| model | vocab | fill | apply | xgr apply | sample plain | sample guided | guided - plain |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | vocab | fill | apply | sample plain | sample guided | guided - plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for model in args.model:
         r = measure(model, args.num_seqs, args.device)
-        cells = [f"{r[k]:,.0f}" if k in r else "-" for k in ("fill", "apply", "xgr apply", "sample plain")]
+        cells = [f"{r[k]:,.0f}" if k in r else "-" for k in ("fill", "apply", "sample plain")]
         extra = r["sample guided"] - r["sample plain"]
         print(f"| {model.name} | {r['vocab']} | {' | '.join(cells)} | {r['sample guided']:,.0f} | {extra:,.0f} |")
 
