@@ -16,7 +16,7 @@ import openai
 import pytest
 from safetensors.torch import save_file
 
-from ..unbounded import served_bound_lifted
+from ...unbounded import served_bound_lifted
 from .adapter_files import base_shape, lora_config, lora_tensors
 from .conftest import RunningServer, ServerFactory
 

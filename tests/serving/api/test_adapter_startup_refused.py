@@ -13,7 +13,7 @@ import pytest
 
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
 
-from ..serve_process import free_port
+from ...serve_process import free_port
 from .adapter_files import huge_ia3_files
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE
 
-from ..serve_process import ServeProcess
+from ...serve_process import ServeProcess
 from .adapter_files import base_shape, lora_files, upload
 
 # As an operator would start it; the store is the test's and survives the restart.
