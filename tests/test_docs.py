@@ -26,3 +26,16 @@ def test_every_doc_is_linked_from_the_readme() -> None:
 
 def test_the_readme_fits_about_150_lines() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 180
+
+
+def test_the_readme_names_every_command_of_the_cli() -> None:
+    import subprocess
+    import sys
+
+    help_text = subprocess.run(
+        [sys.executable, "-m", "switchboard.serving.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    commands = re.search(r"\{([a-z,-]+)\}", help_text).group(1).split(",")
+    block = (ROOT / "README.md").read_text().split("## Command line", 1)[1].split("## ", 1)[0]
+    named = set(re.findall(r"switchboard ([a-z-]+)", block)) | set(re.findall(r"\| ([a-z-]+)", block))
+    assert sorted(set(commands) - named) == []
