@@ -159,7 +159,7 @@ def generation_probes(state: SoakState, tenant: str, rng: random.Random, max_req
         ),
         Probe("unknown model", "POST", COMPLETIONS, {"json": body(model="no-such-adapter")}),
         Probe("unknown adapter_id", "POST", COMPLETIONS, {"json": body(model=state.base_model, adapter_id="nope")}),
-        Probe("unsupported logit_bias", "POST", COMPLETIONS, {"json": body(logit_bias={"5": 100})}),
+        Probe("logit_bias out of vocabulary", "POST", COMPLETIONS, {"json": body(logit_bias={"999999999": 5})}),
         Probe("no API key", "POST", COMPLETIONS, {"json": body(), "headers": {}}),
         Probe("wrong API key", "POST", COMPLETIONS, {"json": body(), "headers": auth("not-a-key")}),
     ]
