@@ -133,7 +133,25 @@ def process_logits(
     """Every processor above, in vLLM's order; returns `logits` itself when no row uses any (the common case)."""
     if not any(p.processes_logits for p in params):
         return logits
-    logits = logits.clone()
+    return _finite_where_possible(_process(logits.clone(), params, history, eos_token_ids), logits)
+
+
+def _finite_where_possible(processed: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """The processors can overflow (a repetition penalty near 0 divides a positive logit to +inf) or mask a whole row
+    (every allowed token a bad word): +inf becomes the largest float, NaN is masked, and a row left with no finite
+    logit falls back to the model's own, so that sampling never meets a NaN."""
+    finite_max = torch.finfo(processed.dtype).max
+    processed = processed.nan_to_num(nan=float("-inf"), posinf=finite_max, neginf=float("-inf"))
+    dead = ~torch.isfinite(processed).any(-1)
+    if bool(dead.any()):
+        processed[dead] = raw[dead]
+    return processed
+
+
+def _process(
+    logits: torch.Tensor, params: list[SamplingParams], history: list[TokenHistory], eos_token_ids: Seq[int]
+) -> torch.Tensor:
+    """process_logits on a copy it may change in place."""
     apply_masks_and_bias(logits, params, history, eos_token_ids)
     rows = [i for i, p in enumerate(params) if p.penalized]
     if rows:

@@ -143,3 +143,16 @@ def test_processors_without_history_are_refused() -> None:
 def test_out_of_range_values_are_refused(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**fields)  # type: ignore[arg-type]
+
+
+def test_overflow_and_fully_masked_rows_still_sample() -> None:
+    """Found by Schemathesis: a repetition penalty near 0 made +inf logits, and sampling met NaN."""
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(6))
+    params = [
+        SamplingParams(temperature=1.0, repetition_penalty=1e-300),
+        SamplingParams(temperature=1.0, allowed_token_ids=[4], bad_words_token_ids=[[4]]),
+        SamplingParams(temperature=0.0, repetition_penalty=1e-300),
+    ]
+    history = [TokenHistory(list(range(V)), [])] * 3
+    tokens, _ = sample(logits, params, [torch.Generator().manual_seed(0)] * 3, history, EOS)
+    assert all(t is not None and 0 <= t < V for t in tokens)

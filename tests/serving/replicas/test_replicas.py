@@ -25,8 +25,8 @@ import pytest
 from switchboard.adapters_store import synthetic
 from switchboard.serving.cli import run_build_kernels
 
-from ..api.adapter_files import base_shape, upload
 from ...serve_process import ServeProcess
+from ..api.adapter_files import base_shape, upload
 
 pytest.importorskip("ray.serve", reason="--replicas needs Ray Serve: pip install 'switchboard[ray]'")
 pytestmark = pytest.mark.slow
