@@ -25,8 +25,9 @@ from switchboard.adapters_store.store import content_sha256
 Files = synthetic.Files
 COMPLETIONS, CHAT, ADAPTERS = "/v1/completions", "/v1/chat/completions", "/v1/adapters"
 # A rank_pattern key that Python's `re` backtracks on for minutes against a module name (2^len steps), holding the
-# GIL: a server whose patterns ran on `re` would stall whole. Ours match with RE2 (linear time) and must refuse it.
-PATHOLOGICAL_REGEX = "(.|.)*!"
+# GIL: a server whose patterns ran on `re` would stall whole. Ours match with RE2 (linear time), which has no
+# backreferences: the server must refuse it at once (422), never try it.
+PATHOLOGICAL_REGEX = r"(.|.)*\1!"
 
 
 @dataclass(frozen=True, slots=True)
