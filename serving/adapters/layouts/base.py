@@ -59,3 +59,16 @@ class LinearLayout(DeviceLayout, Protocol):
     def add_output(
         self, kernels: AdapterKernels, linear: AdapterLinear, x: torch.Tensor, y: torch.Tensor, seg: Segments
     ) -> None: ...
+
+
+class AdditiveLayout:
+    """Defaults for kinds that only add to a linear's output (LoRA, KronA): the input passes unchanged, and nothing
+    is kept per adapter outside the stacks."""
+
+    def drop(self, name: str) -> None:
+        return None
+
+    def transform_input(
+        self, kernels: AdapterKernels, linear: AdapterLinear, x: torch.Tensor, seg: Segments
+    ) -> torch.Tensor:
+        return x

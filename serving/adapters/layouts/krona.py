@@ -10,12 +10,12 @@ from switchboard.kernels.backend import AdapterKernels
 from switchboard.kernels.segments import Segments
 
 from ...models.linear import AdapterLinear
-from .base import Site, Stacks
+from .base import AdditiveLayout, Site, Stacks
 
 KronKey = tuple[int, str, tuple[int, int], tuple[int, int]]  # (layer, module, w1 shape, w2 shape)
 
 
-class KronaLayout:
+class KronaLayout(AdditiveLayout):
     kind = AdapterKind.KRONA
     in_linears = True
 
@@ -40,14 +40,6 @@ class KronaLayout:
             if factors is not None and tuple(factors[0].shape) == s1 and tuple(factors[1].shape) == s2:
                 W1[slot] = factors[0].to(dev, dt)
                 W2[slot] = factors[1].to(dev, dt)
-
-    def drop(self, name: str) -> None:
-        return None
-
-    def transform_input(
-        self, kernels: AdapterKernels, linear: AdapterLinear, x: torch.Tensor, seg: Segments
-    ) -> torch.Tensor:
-        return x
 
     def add_output(
         self, kernels: AdapterKernels, linear: AdapterLinear, x: torch.Tensor, y: torch.Tensor, seg: Segments

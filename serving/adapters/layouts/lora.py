@@ -16,10 +16,10 @@ from switchboard.kernels.segments import Segments
 from switchboard.kernels.sgmv import PackedLora, pack_lora
 
 from ...models.linear import AdapterLinear, LinearPart
-from .base import Site, Stacks
+from .base import AdditiveLayout, Site, Stacks
 
 
-class LoraLayout:
+class LoraLayout(AdditiveLayout):
     kind = AdapterKind.LORA
     in_linears = True
 
@@ -65,14 +65,6 @@ class LoraLayout:
                     self.B[site][slot, :, : B.shape[1]] = B.to(dev, dt)
         for packed in self.packed.values():
             packed.recode(slot)
-
-    def drop(self, name: str) -> None:
-        return None
-
-    def transform_input(
-        self, kernels: AdapterKernels, linear: AdapterLinear, x: torch.Tensor, seg: Segments
-    ) -> torch.Tensor:
-        return x
 
     def add_output(
         self, kernels: AdapterKernels, linear: AdapterLinear, x: torch.Tensor, y: torch.Tensor, seg: Segments
