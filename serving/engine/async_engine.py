@@ -117,7 +117,8 @@ class AsyncEngine:
         """Stream a request's outputs; closing the iterator early aborts the request and frees its blocks.
 
         `adapter`: the parsed adapter `adapter_id` names, when the engine may not hold it (uploads: the host tier
-        hands it over and the step thread registers it); `tenant`: for fair admission."""
+        hands it over; its sequences carry it and it is registered when they are admitted); `tenant`: for fair
+        admission."""
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the engine is not running")
         if self.stats().num_waiting >= self.config.max_waiting or self._over_fair_share(tenant):

@@ -183,8 +183,8 @@ class LLMEngine:
         adapter: Adapter | None = None,
         tenant: str = "",
     ) -> None:
-        """Queue a request. `adapter`: the parsed adapter named `adapter_id`, registered here if the engine does not
-        hold it (uploads); `tenant` groups requests for fair admission."""
+        """Queue a request. `adapter`: the parsed adapter named `adapter_id` when the engine may not hold it (uploads;
+        its sequences carry it to admission); `tenant` groups requests for fair admission."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         if request_id in self._requests:
