@@ -33,7 +33,7 @@ ENGINE_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("sampling", ("sampler.py", "sample (engine/isolation.py")),
     ("logits (lm_head product)", ("LlamaModel.logits",)),
     ("scheduling", ("scheduler.py", "block_manager.py")),
-    ("batch metadata (ids, positions, slots, adapter segments)", ("ModelRunner.prepare", "ModelRunner.adapter_batch")),
+    ("batch metadata (ids, positions, slots, adapter segments)", ("ModelRunner.prepare", "StepBatches.batch")),
     ("adapter ops (LoRA shrink/expand)", ("AdapterBatch.add_output", "AdapterBatch.transform_input")),
     ("forward: oneDNN weight re-pack (copy_b)", ("copy_b",)),
     ("forward: attention", ("paged_attention", "apply_rope")),

@@ -73,6 +73,13 @@ def sample(
         raise ValueError("penalties, min_tokens, logit_bias and bad words need each row's token history")
     processed = logits if history is None else process_logits(logits, params, history, eos_token_ids)
     choosable = apply_token_masks(processed, masks)  # a guided row keeps its grammar's tokens only
+    if masks is not None and processed is not logits:
+        # The grammar's tokens and the processors' (allowed_token_ids, bad words, min_tokens) may not meet: the
+        # grammar wins, from the raw logits, so the choice can still end (e.g. on EOS) instead of drawing a token
+        # nothing allows.
+        dead = ~torch.isfinite(choosable).any(-1)
+        if bool(dead.any()):
+            choosable[dead] = apply_token_masks(logits, masks)[dead]
     tokens: list[int | None] = choosable.argmax(-1).tolist()  # every greedy row, and a default for the rest
     for i, p in enumerate(params):
         if not finite[i]:

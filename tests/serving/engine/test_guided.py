@@ -268,3 +268,27 @@ def test_preemption_keeps_each_matcher_in_step(tiny_model_dir: Path) -> None:
         for tokens, reason in result:
             assert reason is FinishReason.STOP
             assert matches("schema", _text(small, tokens))
+
+
+def test_a_grammar_that_meets_no_allowed_token_still_ends_on_its_own_tokens() -> None:
+    """allowed_token_ids without the grammar's only token (here EOS, as after guided_choice [""]): the grammar wins,
+    from the raw logits, instead of an all -inf row drawing token 0 (which Schemathesis found as a 500)."""
+    from switchboard.serving.engine.guided import TokenMasks
+    from switchboard.serving.engine.logits_processors import TokenHistory
+    from switchboard.serving.engine.request import SamplingParams
+    from switchboard.serving.engine.sampler import sample
+
+    vocab, eos = 64, 2
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0))
+    bitmask = torch.full((2, vocab // 32), -1, dtype=torch.int32)
+    bitmask[0] = 0
+    bitmask[0, eos // 32] = 1 << (eos % 32)  # row 0's grammar allows EOS only
+    greedy = [SamplingParams(temperature=0.0, allowed_token_ids=[5, 6]), SamplingParams(temperature=0.0)]
+    history = [TokenHistory([1, 7], []), TokenHistory([1, 7], [])]
+    tokens, _ = sample(logits, greedy, [None, None], history, [eos], TokenMasks(bitmask, [0]))
+    assert tokens == [eos, int(logits[1].argmax())]
+    sampled = [SamplingParams(temperature=1.0, allowed_token_ids=[5, 6]), greedy[1]]
+    tokens, _ = sample(
+        logits, sampled, [torch.Generator().manual_seed(1), None], history, [eos], TokenMasks(bitmask, [0])
+    )
+    assert tokens[0] == eos
