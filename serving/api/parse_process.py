@@ -8,7 +8,8 @@ unpickles the validated model it sends back, a fraction of that (nothing for fie
 The child is `python -I -m switchboard.serving.api.parse_process`, started on first use and again after it dies. It
 imports this module and the body models' modules only, never the program's main module (as multiprocessing's spawn
 would) nor torch. Messages are length-prefixed pickles: (body, model) to its stdin, ("ok", value) or ("invalid",
-errors) from its stdout. It exits when its stdin closes.
+errors) from its stdout. It exits when its stdin closes. Only these two processes of ours pickle and unpickle: a
+client's body crosses as raw bytes inside the message and is parsed as JSON in the child, never unpickled.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 
 from switchboard.adapters_store.kinds import AdapterKind, BaseModelShape, load_adapter
 from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.async_engine import AdapterStats
 from switchboard.serving.engine.llm_engine import EngineStats, load_tokenizer
 from switchboard.serving.engine.request import AdapterInput, EngineOverloaded, RequestOutput, SamplingParams
 from switchboard.serving.models.config import ModelConfig
@@ -38,19 +38,6 @@ log = logging.getLogger(__name__)
 
 SERVED_KINDS = frozenset({AdapterKind.LORA.value})
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
-
-
-@dataclass(frozen=True, slots=True)
-class LoraStats:
-    """The device tier for /metrics, as far as vLLM shows it: its LoRA slots, the versions it was handed."""
-
-    max_resident: int
-    resident: int
-    loads: int
-    hits: int
-    evictions: int
-    running: list[str]
-    waiting: list[str]
 
 
 class _SchedulerGauges(StatLoggerBase):
@@ -186,10 +173,11 @@ class VllmEngine:
         its LoRA id."""
         self._remove_lora(self._loras.retire(adapter_id))
 
-    def adapter_stats(self) -> LoraStats:
+    def adapter_stats(self) -> AdapterStats:
+        """The device tier as far as vLLM shows it: its LoRA slots, the versions it was handed."""
         lora = self._llm.vllm_config.lora_config
         latest = self._gauges.latest if self._gauges is not None else SchedulerStats()
-        return LoraStats(
+        return AdapterStats(
             max_resident=lora.max_loras if lora is not None else 0,
             resident=len(self._loras.known()),
             loads=self._loras.loads,
