@@ -188,21 +188,41 @@ class Router:
             parts = self.replica.options(multiplexed_model_id=key, stream=True).handle.remote(forwarded)
             try:
                 start = await parts.__anext__()
+                assert isinstance(start, ResponseStart)
+                if not _is_event_stream(start):
+                    # A whole body or nothing: a replica lost between its headers and its body would otherwise
+                    # leave the client a Content-Length it never receives.
+                    body = await _whole(parts)
+                    response = Response(body, status_code=start.status)
+                    response.raw_headers = start.headers
+                    return response
             except (RayActorError, ActorUnavailableError):
                 logger.warning("replica lost before answering %s (attempt %d)", forwarded.path, attempt + 1)
                 if not retryable:
                     break
                 await asyncio.sleep(RETRY_PAUSE_S)
                 continue
-            assert isinstance(start, ResponseStart)
-            response = StreamingResponse(_rest(parts, start), status_code=start.status)
+            response = StreamingResponse(_rest(parts), status_code=start.status)
             response.raw_headers = start.headers
             return response
         return _unavailable()
 
 
-async def _rest(parts: Any, start: ResponseStart) -> AsyncIterator[bytes]:
-    """The body after the start; a replica lost mid-stream ends an event stream with an error event. A client that
+async def _whole(parts: Any) -> bytes:
+    """The rest of a buffered response; a client that leaves meanwhile cancels the replica's call too."""
+    try:
+        return b"".join([chunk async for chunk in parts])
+    except asyncio.CancelledError:
+        parts.cancel()
+        raise
+
+
+def _is_event_stream(start: ResponseStart) -> bool:
+    return dict(start.headers).get(b"content-type", b"").startswith(b"text/event-stream")
+
+
+async def _rest(parts: Any) -> AsyncIterator[bytes]:
+    """An event stream's body after its start; a replica lost mid-stream ends it with an error event. A client that
     leaves ends the replica's generation too (cancelling the call, as one process's disconnect does)."""
     finished = False
     try:
@@ -212,9 +232,7 @@ async def _rest(parts: Any, start: ResponseStart) -> AsyncIterator[bytes]:
     except (RayActorError, ActorUnavailableError):
         finished = True
         logger.warning("replica lost while streaming a response")
-        content_type = dict(start.headers).get(b"content-type", b"")
-        if content_type.startswith(b"text/event-stream"):
-            yield b"data: " + json.dumps(_error_body()).encode() + b"\n\n"
+        yield b"data: " + json.dumps(_error_body()).encode() + b"\n\n"
     finally:
         if not finished:
             parts.cancel()
