@@ -61,6 +61,9 @@ class ServeConfig:
     # /metrics series labelled with adapter ids (which name tenants' adapters); off: usage as base/other only
     metrics_per_adapter: bool = False
     num_threads: int | None = None  # torch intra-op threads; default: torch's choice
+    # Run the scheduler/model/sampler loop in a process of its own (serving/engine/core.py), so that it never waits
+    # on the HTTP side's event loop for the GIL; False: a thread of the server's process (debugging, comparisons).
+    engine_process: bool = True
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)

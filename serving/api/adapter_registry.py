@@ -142,6 +142,11 @@ class AdapterRegistry:
         except (FileNotFoundError, AdapterError) as exc:
             raise not_found(ref.id) from exc
 
+    def directory(self, ref: AdapterRef) -> Path:
+        """A store version's directory, for an engine that parses adapters itself (the engine core process)."""
+        assert ref.stored is not None
+        return self.store.path(ref.stored)
+
     # ---- writing ----------------------------------------------------------------------------------------------
     def upload(
         self,

@@ -25,14 +25,20 @@ from transformers import PreTrainedTokenizerBase
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.store import AdapterStore
 from switchboard.serving.adapters.host_cache import HostCache
-from switchboard.serving.adapters.metrics import DeviceStats
+from switchboard.serving.adapters.metrics import DeviceStats, HostStats
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
 from switchboard.serving.api.body import RequestWorker, json_body_route
-from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
+from switchboard.serving.api.errors import SERVER_ERROR, ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
-from switchboard.serving.api.openapi import GENERATION_RESPONSES, LIST_ERRORS, METRICS_ERRORS, install_openapi
+from switchboard.serving.api.openapi import (
+    GENERATION_RESPONSES,
+    HEALTH_ERRORS,
+    LIST_ERRORS,
+    METRICS_ERRORS,
+    install_openapi,
+)
 from switchboard.serving.api.prompts import Budget, chat_prompt, completion_prompts
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
 from switchboard.serving.api.responses import (
@@ -64,8 +70,14 @@ class Engine(Protocol):
     merged_adapter: str | None  # the adapter folded into the weights (then the base model is not served)
     base_shape: BaseModelShape  # what uploads are validated against
     base_weight_bytes: dict[str, int]  # {"linear", "other", "total"}: the base model's weights as held (NF4 or dense)
+    # True: the engine parses a stored adapter itself, from the directory passed as `adapter_path` (the engine core
+    # process); False: the API parses it into its host cache and passes it as `adapter`.
+    loads_adapters: bool
+    host_tier: HostStats | None  # the engine's own host cache (None: the API's is the host tier)
 
     def start(self) -> None: ...
+
+    def is_alive(self) -> bool: ...
 
     def shutdown(self) -> None: ...
 
@@ -115,7 +127,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     host = HostCache(config.max_host_adapters, on_load=metrics.adapter_load_seconds.observe)
     store = AdapterStore(config.store)
     registry = AdapterRegistry(config, store, engine.adapter_kinds, engine.base_shape, host, engine.retire_adapter)
-    metrics.watch_adapters(engine.adapter_stats, host, store)
+    metrics.watch_adapters(engine.adapter_stats, engine.host_tier or host, store)
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")
@@ -142,14 +154,16 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         tenant: Tenant,
     ) -> Response:
         request_id = f"{fmt.id_prefix}-{uuid.uuid4().hex}"
-        engine_adapter, parsed = None, None
+        engine_adapter, parsed, path = None, None, None
         if resolved.adapter_id is not None:
             ref = registry.require(tenant, resolved.adapter_id)
             engine_adapter = ref.key
             timer.adapter = ref.key if ref.stored is None else f"{ref.stored.owner}/{ref.id}"
-            if ref.stored is not None:  # disk -> host tier in a worker thread, before the engine sees the request
+            if ref.stored is not None and engine.loads_adapters:  # the engine core parses it, by version
+                path = registry.directory(ref)
+            elif ref.stored is not None:  # disk -> host tier in a worker thread, before the engine sees the request
                 parsed = await asyncio.get_running_loop().run_in_executor(parser, registry.parsed, ref)
-        generate = functools.partial(engine.generate, adapter=parsed, tenant=tenant.name)
+        generate = functools.partial(engine.generate, adapter=parsed, adapter_path=path, tenant=tenant.name)
         generation = Generation(generate, request_id, prompts, params, engine_adapter, timer)
         try:
             await unless_disconnected(request, generation.start())
@@ -216,9 +230,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         adapters = {ref.id: ref.kind for ref in registry.visible(tenant)}
         return {"object": "list", "data": model_cards(engine.model_name, engine.max_model_len, created, adapters)}
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", responses=HEALTH_ERRORS)
+    async def health() -> Response:
+        if not engine.is_alive():  # the engine core process died: requests answer 503 until a restart
+            error = ApiError(503, "The engine is not running.", type=SERVER_ERROR, code="engine_unavailable")
+            return error.response()
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_ERRORS)
     async def prometheus_metrics(request: Request) -> Response:

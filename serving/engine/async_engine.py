@@ -14,6 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from switchboard.adapters_store.kinds import Adapter
 
@@ -58,6 +59,10 @@ class AdapterStats:
 
 
 class AsyncEngine:
+    # The API parses an adapter's upload into its host cache and hands the parsed adapter over with the request.
+    loads_adapters = False
+    host_tier = None  # the API's own host cache is the host tier
+
     def __init__(self, config: ServeConfig, engine: LLMEngine | None = None) -> None:
         self.config = config
         self.engine = engine or LLMEngine(config)
@@ -95,6 +100,9 @@ class AsyncEngine:
         for stream in self._streams.values():  # nobody will step these again: end their callers' waits
             stream.put_nowait(RuntimeError("the server is shutting down"))
 
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     # ---- API ------------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         s = self.engine.stats()
@@ -109,12 +117,14 @@ class AsyncEngine:
         adapter_id: str | None = None,
         *,
         adapter: Adapter | None = None,
+        adapter_path: Path | None = None,
         tenant: str = "",
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the iterator early aborts the request and frees its blocks.
 
         `adapter`: the parsed adapter `adapter_id` names, when the engine may not hold it (uploads: the host tier
-        hands it over and the step thread registers it); `tenant`: for fair admission."""
+        hands it over and the step thread registers it; `adapter_path` is for the engine core process and not used
+        here); `tenant`: for fair admission."""
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("the engine is not running")
         if self.stats().num_waiting >= self.config.max_waiting or self._over_fair_share(tenant):

@@ -49,8 +49,11 @@ def load_tokenizer(model_dir) -> PreTrainedTokenizerFast:
 
 
 class LLMEngine:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, detokenize: bool = True) -> None:
+        """`detokenize=False`: outputs carry token ids only (`new_text` empty) and stop strings are not checked here;
+        the engine core process runs so, leaving text and stop strings to the API process (core_client.py)."""
         self.config = config
+        self.detokenize = detokenize
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.torch_device
@@ -203,7 +206,9 @@ class LLMEngine:
                     index=index,
                     prompt_token_ids=list(prompt_token_ids),
                     params=params,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_token_ids, params.stop),
+                    detokenizer=IncrementalDetokenizer(self.tokenizer.backend_tokenizer, prompt_token_ids, params.stop)
+                    if self.detokenize
+                    else None,
                     adapter_id=adapter_id,
                     adapter=served,
                     adapter_kind=None if served is None else served.kind,
@@ -216,11 +221,22 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> None:
-        """Cancel every choice of a request and free its blocks (a client went away)."""
-        for seq in self._requests.pop(request_id, []):
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Cancel every choice of a request (or choice `index` alone: its stop string was found by the API process)
+        and free their blocks (a client went away)."""
+        if index is None:
+            seqs = self._requests.pop(request_id, [])
+        else:
+            seqs = [s for s in self._requests.get(request_id, []) if s.index == index]
+        for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
+        if index is not None and all(s.is_finished for s in self._requests.get(request_id, [])):
+            self._requests.pop(request_id, None)
+
+    def request_ids(self) -> list[str]:
+        """Requests with a choice not yet reported finished."""
+        return list(self._requests)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -282,7 +298,7 @@ class LLMEngine:
         if (
             token in p.stop_token_ids
             or (token in self.eos_token_ids and not p.ignore_eos)
-            or seq.detokenizer.add(token) is not None
+            or (seq.detokenizer is not None and seq.detokenizer.add(token) is not None)
         ):
             reason = FinishReason.STOP
         elif len(seq.output_token_ids) >= p.max_tokens or seq.cache_len(seq.num_tokens) >= self.max_model_len:
@@ -295,7 +311,7 @@ class LLMEngine:
         out = RequestOutput(
             request_id=seq.request_id,
             index=seq.index,
-            new_text=seq.detokenizer.take(final=finished),
+            new_text="" if seq.detokenizer is None else seq.detokenizer.take(final=finished),
             new_token_ids=seq.pending_token_ids,
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
             finished=finished,

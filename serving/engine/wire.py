@@ -1,0 +1,131 @@
+"""The messages between the API process and the engine core process, as msgpack frames over ZeroMQ.
+
+Each frame is one msgpack array whose first item names the message. Requests carry token ids, never text; outputs
+carry token ids, never text (the API process detokenizes). Tuples instead of maps on the hot path: one step's
+outputs are one frame of small arrays, about 30 bytes a token. The start-up configuration crosses once, pickled
+(`core.py`), which is safe only because both ends are our own two processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+
+class ToCore(enum.IntEnum):
+    ADD = 0  # [ADD, request_id, prompt_token_ids, params, adapter_key, adapter_path, tenant]
+    ABORT = 1  # [ABORT, request_id, index or None (every choice)]
+    RETIRE = 2  # [RETIRE, adapter_key]
+    SHUTDOWN = 3  # [SHUTDOWN]
+
+
+class FromCore(enum.IntEnum):
+    READY = 0  # [READY, info]: the model is loaded
+    FAILED = 1  # [FAILED, exception type, message]: start-up failed
+    OUTPUTS = 2  # [OUTPUTS, [output, ...], snapshot or None]
+    REFUSED = 3  # [REFUSED, request_id, Refusal, message]: the request never started
+
+
+class Refusal(enum.IntEnum):
+    INVALID = 0  # ValueError: the API answers 400
+    UNKNOWN_ADAPTER = 1  # KeyError: 404
+    FAILED = 2  # anything else: 500
+
+
+def pack(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(frame: bytes) -> list[Any]:
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+# ---- requests -----------------------------------------------------------------------------------------------------
+def params_to_wire(params: SamplingParams) -> dict[str, Any]:
+    """Every field by name, so that a field added to SamplingParams crosses without a change here."""
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+
+
+def params_from_wire(fields: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**fields)
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------
+_REASONS = list(FinishReason)
+_REASON_CODE = {reason: code for code, reason in enumerate(_REASONS)}
+
+
+def output_to_wire(out: RequestOutput) -> list[Any]:
+    """[request_id, index, token_ids, finished, reason code or -1, prompt_tokens, completion_tokens, error, logprobs]"""
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = [[lp.token_id, lp.logprob, lp.top] for lp in out.logprobs]
+    reason = -1 if out.finish_reason is None else _REASON_CODE[out.finish_reason]
+    return [
+        out.request_id,
+        out.index,
+        out.new_token_ids,
+        out.finished,
+        reason,
+        out.prompt_tokens,
+        out.completion_tokens,
+        out.error,
+        logprobs,
+    ]
+
+
+def output_from_wire(item: list[Any]) -> RequestOutput:
+    """The engine's output without text (`new_text` empty): the API process's output processor adds it."""
+    request_id, index, token_ids, finished, reason, prompt_tokens, completion_tokens, error, logprobs = item
+    return RequestOutput(
+        request_id=request_id,
+        index=index,
+        new_text="",
+        new_token_ids=token_ids,
+        logprobs=None
+        if logprobs is None
+        else [TokenLogprob(t, lp, [(a, b) for a, b in top]) for t, lp, top in logprobs],
+        finished=finished,
+        finish_reason=None if reason < 0 else _REASONS[reason],
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        error=error,
+    )
+
+
+# ---- what the core reports between steps --------------------------------------------------------------------------
+@dataclass(slots=True)
+class Snapshot:
+    """The core's counters as of one moment: the engine's stats, the device and host tiers, and how many ADD
+    messages it has taken in (the API counts the ones sent since as waiting, for its overload checks)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    num_preemptions: int = 0
+    adds_applied: int = 0
+    waiting_by_tenant: dict[str, int] = dataclasses.field(default_factory=dict)  # only with --api-keys
+    # device tier (serving/adapters/metrics.py DeviceStats)
+    max_resident: int = 0
+    resident: int = 0
+    loads: int = 0
+    hits: int = 0
+    evictions: int = 0
+    running_adapters: list[str] = dataclasses.field(default_factory=list)
+    waiting_adapters: list[str] = dataclasses.field(default_factory=list)
+    # the core's host tier (HostStats): hits, misses, loads, evictions, size
+    host: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0, 0, 0])
+
+    def to_wire(self) -> list[Any]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_wire(cls, values: list[Any]) -> Snapshot:
+        return cls(*values)
