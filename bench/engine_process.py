@@ -37,7 +37,7 @@ def _uptime() -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    model = model_dir(args.model)
+    model = model_dir(args.model).resolve()  # the servers run in their own working directories
     tok = load_tokenizer(model)
     prompts = make_prompts(tok, args.num_requests, args.prompt_len)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.store import AdapterStore
 from switchboard.serving.adapters.host_cache import HostCache
-from switchboard.serving.adapters.metrics import DeviceStats, HostStats
+from switchboard.serving.adapters.metrics import DeviceStats
 from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
@@ -52,6 +52,7 @@ from switchboard.serving.api.responses import (
 from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.core_client import HostTier
 from switchboard.serving.engine.request import RequestOutput, SamplingParams
 from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
 
@@ -73,7 +74,7 @@ class Engine(Protocol):
     # True: the engine parses a stored adapter itself, from the directory passed as `adapter_path` (the engine core
     # process); False: the API parses it into its host cache and passes it as `adapter`.
     loads_adapters: bool
-    host_tier: HostStats | None  # the engine's own host cache (None: the API's is the host tier)
+    host_tier: HostTier | None  # the engine's own host cache (None: the API's is the host tier)
 
     def start(self) -> None: ...
 
@@ -127,7 +128,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     host = HostCache(config.max_host_adapters, on_load=metrics.adapter_load_seconds.observe)
     store = AdapterStore(config.store)
     registry = AdapterRegistry(config, store, engine.adapter_kinds, engine.base_shape, host, engine.retire_adapter)
-    metrics.watch_adapters(engine.adapter_stats, engine.host_tier or host, store)
+    if engine.host_tier is not None:  # the engine core's host cache parses adapters: its parse times are the ones
+        engine.host_tier.on_load = metrics.adapter_load_seconds.observe
+    metrics.watch_adapters(engine.adapter_stats, host if engine.host_tier is None else engine.host_tier, store)
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +96,8 @@ class EngineCore:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.engine = LLMEngine(config, detokenize=False)
-        self.host = HostCache(config.max_host_adapters)
+        self._load_seconds: deque[float] = deque()  # parse times not yet reported (appended by the parse thread)
+        self.host = HostCache(config.max_host_adapters, on_load=self._load_seconds.append)
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-parse")
         self._parsing: dict[str, _Parsing] = {}  # request id -> its ADD, waiting for the adapter
         self._adds_applied = 0
@@ -231,6 +232,7 @@ class EngineCore:
         waiting = list(sched.waiting)
         tenants = dict(Counter(s.tenant for s in waiting)) if self.config.api_keys is not None else {}
         h = self.host
+        loads = [self._load_seconds.popleft() for _ in range(len(self._load_seconds))]
         return Snapshot(
             num_running=len(sched.running),
             num_waiting=len(waiting) + len(self._parsing),
@@ -247,6 +249,7 @@ class EngineCore:
             running_adapters=sorted({s.adapter_id for s in sched.running if s.adapter_id is not None}),
             waiting_adapters=sorted({s.adapter_id for s in waiting if s.adapter_id is not None}),
             host=[h.hits, h.misses, h.loads, h.evictions, len(h)],
+            load_seconds=loads,
         )
 
 

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import zmq
@@ -44,6 +44,7 @@ class HostTier:
 
     def __init__(self) -> None:
         self.hits = self.misses = self.loads = self.evictions = self.size = 0
+        self.on_load: Callable[[float], None] | None = None  # each parse's seconds (the metrics' histogram)
 
     def __len__(self) -> int:
         return self.size
@@ -229,7 +230,6 @@ class EngineCoreClient:
             while remaining:
                 item = await request.queue.get()
                 if isinstance(item, BaseException):
-                    remaining = 0 if isinstance(item, EngineUnavailable) else remaining
                     raise item
                 if item.finished:
                     remaining -= 1
@@ -315,6 +315,9 @@ class EngineCoreClient:
                 del self._pending_by_tenant[tenant]
         h = self.host_tier
         h.hits, h.misses, h.loads, h.evictions, h.size = s.host
+        if h.on_load is not None:
+            for seconds in s.load_seconds:
+                h.on_load(seconds)
 
 
 def _refusal(why: int, text: str) -> BaseException:

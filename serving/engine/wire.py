@@ -122,6 +122,7 @@ class Snapshot:
     waiting_adapters: list[str] = dataclasses.field(default_factory=list)
     # the core's host tier (HostStats): hits, misses, loads, evictions, size
     host: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0, 0, 0])
+    load_seconds: list[float] = dataclasses.field(default_factory=list)  # adapter parses since the last snapshot
 
     def to_wire(self) -> list[Any]:
         return [getattr(self, f.name) for f in dataclasses.fields(self)]
