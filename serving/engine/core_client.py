@@ -64,8 +64,6 @@ class EngineCoreClient:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.model)
-        self._backend = self.tokenizer.backend_tokenizer
         self.model_name: str = config.served_model_name or config.model.name
         self._dir = Path(tempfile.mkdtemp(prefix="switchboard-core-"))
         addresses = CoreAddresses(f"ipc://{self._dir}/requests", f"ipc://{self._dir}/outputs")
@@ -85,6 +83,8 @@ class EngineCoreClient:
         )
         self._process.start()
         try:
+            self.tokenizer = load_tokenizer(config.model)  # while the core imports torch and loads the model
+            self._backend = self.tokenizer.backend_tokenizer
             info = self._wait_ready()
         except BaseException:
             self._stop_process()
