@@ -73,7 +73,8 @@ def run_engine_core(config: ServeConfig, addresses: CoreAddresses, parent_pid: i
         core = EngineCore(config)
     except Exception as exc:  # start-up failed: the API process raises it (a bad --adapter: exit 2 with the reason)
         log.exception("the engine core could not start")
-        outputs.send(wire.pack([FromCore.FAILED, type(exc).__name__, str(exc)]))
+        usage = isinstance(exc, ValueError | FileNotFoundError | FileExistsError)  # what `serve` exits 2 for
+        outputs.send(wire.pack([FromCore.FAILED, usage, f"{type(exc).__name__}: {exc}", str(exc)]))
         outputs.close(linger=2000)
         return
     outputs.send(wire.pack([FromCore.READY, core.info()]))

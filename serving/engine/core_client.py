@@ -112,10 +112,10 @@ class EngineCoreClient:
                 raise RuntimeError(f"the engine core exited during start-up (exit code {self._process.exitcode})")
         message = wire.unpack(self._outputs.recv())
         if message[0] == FromCore.FAILED:
-            _, kind, text = message
-            if kind in ("ValueError", "AdapterError", "FileNotFoundError", "FileExistsError", "TypeError"):
+            _, usage, described, text = message
+            if usage:
                 raise ValueError(text)  # what `switchboard serve` reports as a usage error (exit 2)
-            raise RuntimeError(f"the engine core could not start: {kind}: {text}")
+            raise RuntimeError(f"the engine core could not start: {described}")
         return message[1]
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------

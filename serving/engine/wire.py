@@ -27,7 +27,7 @@ class ToCore(enum.IntEnum):
 
 class FromCore(enum.IntEnum):
     READY = 0  # [READY, info]: the model is loaded
-    FAILED = 1  # [FAILED, exception type, message]: start-up failed
+    FAILED = 1  # [FAILED, a usage error (ValueError and the like)?, "type: message", message]: start-up failed
     OUTPUTS = 2  # [OUTPUTS, [output, ...], snapshot or None]
     REFUSED = 3  # [REFUSED, request_id, Refusal, message]: the request never started
 
