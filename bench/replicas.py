@@ -11,15 +11,14 @@ import argparse
 import json
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
+
+from switchboard.loadtest.serve_process import ServeProcess
 
 STARTUP_TIMEOUT_S = 600
 
@@ -53,19 +52,15 @@ def _one(args: argparse.Namespace, model: Path, replicas: int) -> dict[str, obje
     out = args.out / ("process" if replicas == 0 else f"replicas-{replicas}")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     store = Path(tempfile.mkdtemp(prefix="switchboard-bench-store-"))
-    switchboard = str(Path(sys.executable).with_name("switchboard"))
-    cmd = [switchboard, "serve", "--model", str(model), "--store", str(store), "--port", str(port)]
-    cmd += ["--num-threads", str(args.num_threads), *args.serve_args.split()]
+    flags = ["--num-threads", str(args.num_threads), *args.serve_args.split()]
     if replicas:
-        cmd += ["--replicas", str(replicas)]
-    log = (out / "serve.log").open("wb")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        flags += ["--replicas", str(replicas)]
+    server = ServeProcess(out, model, *flags, store=store, startup_timeout_s=STARTUP_TIMEOUT_S)
     try:
-        _wait_healthy(url, server)
+        url = server.url
         before = _affinity(url)
+        switchboard = str(Path(sys.executable).with_name("switchboard"))
         loadtest = [switchboard, "loadtest", "--url", url, "--num-adapters", str(args.num_adapters)]
         loadtest += ["--upload-model", str(model), "--zipf", str(args.zipf), "--rate", str(args.rate)]
         loadtest += ["--duration", str(args.duration), "--prompt-len", args.prompt_len]
@@ -73,12 +68,7 @@ def _one(args: argparse.Namespace, model: Path, replicas: int) -> dict[str, obje
         subprocess.run(loadtest, check=True)
         after = _affinity(url)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        server.stop(timeout_s=120)
         shutil.rmtree(store, ignore_errors=True)
     summary = json.loads((out / "results.json").read_text())["summary"]
     hits, loads = after[0] - before[0], after[1] - before[1]
@@ -118,23 +108,3 @@ def _print_table(args: argparse.Namespace, rows: list[dict[str, object]]) -> Non
             f"{r['ttft_p50']:.0f} | {r['ttft_p99']:.0f} | {r['tpot_p50']:.1f} | {rate} |",
             flush=True,
         )
-
-
-def _wait_healthy(url: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"switchboard serve exited with {server.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"switchboard serve did not answer /health in {STARTUP_TIMEOUT_S} s")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,9 +1,11 @@
 """Where a served step's wall time goes under workload W: `python -m switchboard.bench.serve_profile --model DIR`.
 
 Two views, as issue 16 asks:
-- py-spy (`record --native --threads --idle`) on `switchboard serve` while W runs over HTTP (base model, then 32
-  distinct LoRA adapters): every sample of the engine thread and of the event loop is put in one category by the
-  frames of its stack (Python and native), so the shares are shares of wall time, GIL waits and idle included;
+- py-spy (`record --native --threads --idle`) on `switchboard serve` and on its engine core process while W runs
+  over HTTP (base model, then 32 distinct LoRA adapters): every sample of the engine's loop thread (in the core
+  process, or the server's engine thread with `--engine-process off`) and of the server's event loop is put in one
+  category by the frames of its stack (Python and native), so the shares are shares of wall time, GIL waits and idle
+  included;
 - torch's profiler on the same model in this process (the step alone, no HTTP): the operators a step runs.
 
 Writes bench-results/serve-profile.json and the raw py-spy stacks beside it; prints the tables that
@@ -24,12 +26,13 @@ from pathlib import Path
 from . import serve_servers
 from .serve import _http_run, _uptime, prompts_for, stdlib_ids
 
-ENGINE_THREAD = "switchboard-engine"
+ENGINE_THREAD = "switchboard-engine"  # the server's step thread with --engine-process off
+CORE_THREAD = "engine-core-loop"  # the engine core process's step loop (serving/engine/core.py)
 MAIN_THREAD = "MainThread"
 
 # (category, substrings any of which in the stack puts a sample there); the first rule that matches wins.
 ENGINE_RULES: list[tuple[str, tuple[str, ...]]] = [
-    ("idle: waiting for requests", ("_queue_SimpleQueue_get",)),
+    ("idle: waiting for requests", ("_queue_SimpleQueue_get", "Poller.poll", "zmq_poll")),
     ("sampling", ("sampler.py", "sample (engine/isolation.py")),
     ("logits (lm_head product)", ("LlamaModel.logits",)),
     ("scheduling", ("scheduler.py", "block_manager.py")),
@@ -40,12 +43,12 @@ ENGINE_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("forward: linear products", ("AdapterLinear.forward",)),
     ("forward: norms, activations, embedding, residuals", ("LlamaModel.forward",)),
     ("detokenisation", ("detokenizer.py",)),
-    ("post-processing (append, stop checks, outputs to the loop)", ("llm_engine.py", "async_engine.py")),
+    ("post-processing (append, stop checks, outputs to the loop)", ("llm_engine.py", "async_engine.py", "core.py")),
 ]
 LOOP_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("idle: waiting in epoll", ("select (selectors.py", "epoll_wait")),
     ("JSON and response chunks", ("json", "responses.py", "streaming.py", "pydantic")),
-    ("engine outputs (asyncio queues)", ("async_engine.py",)),
+    ("engine outputs (channel, detokenisation, asyncio queues)", ("async_engine.py", "core_client.py", "output_proc")),
     ("request parsing, prompts, auth", ("body.py", "prompts.py", "resolve.py", "auth.py", "schemas.py")),
     ("HTTP (uvicorn, h11/httptools, starlette)", ("uvicorn", "h11", "httptools", "starlette", "fastapi", "anyio")),
     ("asyncio scheduling", ("asyncio",)),
@@ -141,7 +144,11 @@ def profile_http(args: argparse.Namespace, workdir: Path) -> dict:
             run_index += 1
             _http_run_sync(server.url, models, prompts, args.max_tokens)  # warm-up
             raw = args.out.parent / f"serve-profile-{label.replace(' ', '-')}.raw.txt"
-            spy = record(server.proc.pid, raw, args.rate)
+            core = _core_pid(server.proc.pid)
+            raw_core = raw.with_name(raw.name.replace(".raw.txt", "-core.raw.txt"))
+            spies = [record(server.proc.pid, raw, args.rate)]
+            if core is not None:
+                spies.append(record(core, raw_core, args.rate))
             time.sleep(1.0)  # py-spy attaches
             walls, tokens = [], 0
             for _ in range(args.rounds):
@@ -150,14 +157,16 @@ def profile_http(args: argparse.Namespace, workdir: Path) -> dict:
                 r = _http_run_sync(server.url, models, prompts, args.max_tokens)
                 walls.append(r["wall_s"])
                 tokens += r["tokens"]
-            spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
-            _, err = spy.communicate(timeout=120)
-            if not raw.exists():
-                raise RuntimeError(f"py-spy wrote nothing: {err.decode(errors='replace')[-2000:]}")
-            threads = parse_raw(raw)
+            for spy, path in zip(spies, (raw, raw_core), strict=False):
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+                _, err = spy.communicate(timeout=120)
+                if not path.exists():
+                    raise RuntimeError(f"py-spy wrote nothing: {err.decode(errors='replace')[-2000:]}")
+            threads = _threads(raw, raw_core if core is not None else None)
             steps = args.rounds * args.max_tokens  # one prefill step and max_tokens - 1 decode steps per run
             engine_s = sum(threads.get(ENGINE_THREAD, Counter()).values()) / args.rate
             results[label] = {
+                "engine_process": core is not None,
                 "tok_s": tokens / sum(walls),
                 "wall_s": sum(walls),
                 "steps_about": steps,
@@ -170,11 +179,34 @@ def profile_http(args: argparse.Namespace, workdir: Path) -> dict:
                     if name not in (ENGINE_THREAD, MAIN_THREAD)
                 },
                 "raw": str(raw),
+                "raw_core": str(raw_core) if core is not None else None,
                 "uptime": _uptime(),
             }
     finally:
         server.stop()
     return results
+
+
+def _core_pid(server_pid: int) -> int | None:
+    """The server's engine core process (multiprocessing's spawned child); None with --engine-process off."""
+    import psutil  # with py-spy, in the test extra
+
+    for child in psutil.Process(server_pid).children():
+        if "spawn_main" in " ".join(child.cmdline()):
+            return child.pid
+    return None
+
+
+def _threads(raw: Path, raw_core: Path | None) -> dict[str, Counter[str]]:
+    """Samples per thread name: the server's threads, and the core's step loop as the engine thread."""
+    threads = parse_raw(raw)
+    if raw_core is not None:
+        core = parse_raw(raw_core)
+        threads[ENGINE_THREAD] = core.get(CORE_THREAD, Counter())
+        for name, stacks in core.items():
+            if name != CORE_THREAD:
+                threads[f"core: {name}"] = stacks
+    return threads
 
 
 def _http_run_sync(url: str, models: list[str], prompts: list[list[int]], max_tokens: int) -> dict:
@@ -237,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_raw:
         report = json.loads(args.out.read_text())
         for r in report["http"].values():
-            threads = parse_raw(Path(r["raw"]))
+            threads = _threads(Path(r["raw"]), Path(r["raw_core"]) if r.get("raw_core") else None)
             r["engine"] = breakdown(threads.get(ENGINE_THREAD, Counter()), ENGINE_RULES)
             r["event_loop"] = breakdown(threads.get(MAIN_THREAD, Counter()), LOOP_RULES)
         print_breakdown(report["http"])

@@ -109,14 +109,18 @@ class Server:
             self.proc.wait(10)
 
 
-def ours(model_dir: Path, workdir: Path, loras: dict[str, Path], dtype: str) -> Server:
-    """`switchboard serve` with the LoRA adapters registered at start (requests name them as `model`)."""
+def ours(model_dir: Path, workdir: Path, loras: dict[str, Path], dtype: str, *, engine_process: bool = True) -> Server:
+    """`switchboard serve` with the LoRA adapters registered at start (requests name them as `model`); its engine in
+    a process of its own (the default) or in a thread of the server (`--engine-process off`)."""
     exe = str(Path(sys.executable).with_name("switchboard"))
-    cmd = [exe, "serve", "--model", str(model_dir), "--dtype", dtype, "--store", str(workdir / "store")]
+    store = workdir / ("store" if engine_process else "store-thread")
+    cmd = [exe, "serve", "--model", str(model_dir), "--dtype", dtype, "--store", str(store)]
     cmd += ["--max-resident-adapters", str(max(32, len(loras))), "--log-level", "warning"]
+    cmd += ["--engine-process", "on" if engine_process else "off"]
     for name, d in loras.items():
         cmd += ["--adapter", f"{name}={d}"]
-    server = Server("switchboard", cmd, workdir / "switchboard.log", model_dir.name)
+    label = "switchboard" if engine_process else "switchboard-thread"
+    server = Server(label, cmd, workdir / f"{label}.log", model_dir.name)
     server.cmd += ["--port", str(server.port)]
     return server
 

@@ -64,11 +64,12 @@ class ServeProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> None:
+        """Signal the server and wait `timeout_s` for it to exit (Ray Serve's replicas take longer), then kill it."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)

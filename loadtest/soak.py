@@ -10,9 +10,10 @@ starts it again on the same port and store.
 It fails (exit status 1) on any collateral failure (a well-formed request that did not complete, other than those
 in flight at the kill), a hostile request answered 5xx, timed out or accepted, an acknowledged upload lost or
 altered (the listing and the stored files' sha256 against the bytes sent, after the restart and at the end), the
-server's RSS growing more than `--rss-limit` after its warm-up (per process: the restart starts a new baseline),
-or requests or KV-cache blocks still held once every client is done. It prints a line every `--progress-every`
-seconds, and writes soak.json (and soak.png: RSS and throughput over time) under `--out`.
+server's RSS (its engine core process included) growing more than `--rss-limit` after its warm-up (per process:
+the restart starts a new baseline), or requests or KV-cache blocks still held once every client is done. It prints
+a line every `--progress-every` seconds, and writes soak.json (and soak.png: RSS and throughput over time) under
+`--out`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,15 @@ class RssSample:
 
 
 def read_rss(pid: int) -> int | None:
-    """Resident set size of a live process from /proc (None once it is gone)."""
+    """Resident set size of a live server from /proc, its child processes (the engine core) included; None once
+    the server is gone."""
+    own = _process_rss(pid)
+    if own is None:
+        return None
+    return own + sum(_process_rss(child) or 0 for child in _children(pid))
+
+
+def _process_rss(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -53,6 +61,20 @@ def read_rss(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from each process's stat line: the field after the state is the parent)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def rss_growth(samples: list[RssSample], warmup_s: float, window: int = 5) -> list[dict[str, object]]:

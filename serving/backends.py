@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 
 def _native(config: ServeConfig) -> Engine:
+    """Our engine: its step loop in a process of its own (`--engine-process on`, the default) or in a thread."""
+    if config.engine_process:
+        from switchboard.serving.engine.core_client import EngineCoreClient
+
+        return EngineCoreClient(config)
     from switchboard.serving.engine.async_engine import AsyncEngine
 
     return AsyncEngine(config)

@@ -56,6 +56,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument(
+        "--engine-process",
+        default="on",
+        choices=["on", "off"],
+        help="on: the scheduler/model/sampler loop runs in a process of its own (requests and token ids over ZeroMQ); "
+        "off: in a thread of the server's process (debugging, comparisons)",
+    )
+    p.add_argument(
         "--adapter",
         action="append",
         default=[],
@@ -270,6 +277,7 @@ def _serve(args: argparse.Namespace) -> None:
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_dtype=args.kv_cache_dtype,
         num_threads=args.num_threads,
+        engine_process=args.engine_process == "on",
         adapters=parse_adapters(args.adapter),
         merge_adapter=args.merge_adapter,
         max_resident_adapters=args.max_resident_adapters,

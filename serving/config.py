@@ -70,6 +70,9 @@ class ServeConfig:
     # Replicas of the engine behind Ray Serve's proxy, routed by adapter (serving/replicas/); None: one process, no Ray
     replicas: int | None = None
     ray_address: str | None = None  # join this Ray cluster (`ray start --head` printed it); None: start a local one
+    # Run the scheduler/model/sampler loop in a process of its own (serving/engine/core.py), so that it never waits
+    # on the HTTP side's event loop for the GIL; False: a thread of the server's process (debugging, comparisons).
+    engine_process: bool = True
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)

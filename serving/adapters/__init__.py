@@ -11,7 +11,8 @@
 Adding a kind: its parsing in adapters_store/kinds/ and its device layout in layouts/.
 """
 
+from .host_cache import HostCache
 from .merge import merge_into
 from .served import ServedAdapters, SlotStats, UnknownAdapter
 
-__all__ = ["ServedAdapters", "SlotStats", "UnknownAdapter", "merge_into"]
+__all__ = ["HostCache", "ServedAdapters", "SlotStats", "UnknownAdapter", "merge_into"]

@@ -30,9 +30,15 @@ from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
 from switchboard.serving.api.body import RequestWorker, json_body_route
-from switchboard.serving.api.errors import ApiError, bad_request, install_error_handlers
+from switchboard.serving.api.errors import SERVER_ERROR, ApiError, bad_request, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
-from switchboard.serving.api.openapi import GENERATION_RESPONSES, LIST_ERRORS, METRICS_ERRORS, install_openapi
+from switchboard.serving.api.openapi import (
+    GENERATION_RESPONSES,
+    HEALTH_ERRORS,
+    LIST_ERRORS,
+    METRICS_ERRORS,
+    install_openapi,
+)
 from switchboard.serving.api.prompts import Budget, chat_prompt, completion_prompts
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
 from switchboard.serving.api.responses import (
@@ -48,6 +54,7 @@ from switchboard.serving.api.sampling import vllm_fields
 from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine.core_client import HostTier
 from switchboard.serving.engine.guided import Grammar, GrammarCompiler, GuidedError
 from switchboard.serving.engine.request import AdapterInput, RequestOutput, SamplingParams
 from switchboard.serving.metrics import CONTENT_TYPE, GenerationTimer, RequestCounter, ServerMetrics, StatsSource
@@ -69,8 +76,11 @@ class Engine(Protocol):
     base_weight_bytes: dict[str, int]  # {"linear", "other", "total"}: the base model's weights as held (NF4 or dense)
     grammars: GrammarCompiler | None  # structured output's grammars for this model's tokenizer (None: not offered)
     adapter_input: AdapterInput  # what `generate(adapter=...)` takes for an uploaded version
+    host_tier: HostTier | None  # the engine's own host cache (the engine core process's); None: the API's
 
     def start(self) -> None: ...
+
+    def is_alive(self) -> bool: ...
 
     def shutdown(self) -> None: ...
 
@@ -133,7 +143,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     adapter_input = {AdapterInput.PARSED: registry.parsed, AdapterInput.DIRECTORY: registry.directory}[
         engine.adapter_input
     ]
-    metrics.watch_adapters(engine.adapter_stats, host, store)
+    if engine.host_tier is not None:  # the engine parses uploads into its own host cache: its parse times count
+        engine.host_tier.on_load = metrics.adapter_load_seconds.observe
+    metrics.watch_adapters(engine.adapter_stats, host if engine.host_tier is None else engine.host_tier, store)
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
     parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")
@@ -256,9 +268,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         adapters = {ref.id: ref.kind for ref in registry.visible(tenant)}
         return {"object": "list", "data": model_cards(engine.model_name, engine.max_model_len, created, adapters)}
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", responses=HEALTH_ERRORS)
+    async def health() -> Response:
+        if not engine.is_alive():  # the engine core process died: requests answer 503 until a restart
+            error = ApiError(503, "The engine is not running.", type=SERVER_ERROR, code="engine_unavailable")
+            return error.response()
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_ERRORS)
     async def prometheus_metrics(request: Request) -> Response:

@@ -16,8 +16,14 @@ from typing import Protocol, TypeVar
 
 from starlette.requests import Request
 
-from switchboard.serving.api.errors import RATE_LIMIT, ApiError, bad_request, internal_error
-from switchboard.serving.engine.request import EngineOverloaded, FinishReason, RequestOutput, SamplingParams
+from switchboard.serving.api.errors import RATE_LIMIT, SERVER_ERROR, ApiError, bad_request, internal_error
+from switchboard.serving.engine.request import (
+    EngineOverloaded,
+    EngineUnavailable,
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+)
 from switchboard.serving.metrics import GenerationTimer
 
 T = TypeVar("T")
@@ -79,7 +85,7 @@ class Generation:
                 results: list[RequestOutput | BaseException | None] = [await _first_output(self._streams[0])]
             else:
                 results = await asyncio.gather(*map(_first_output, self._streams), return_exceptions=True)
-        except (EngineOverloaded, ValueError) as exc:
+        except (EngineOverloaded, EngineUnavailable, ValueError, KeyError) as exc:
             results = [exc]
         except BaseException:
             await self.aclose()
@@ -99,7 +105,10 @@ class Generation:
             refused = next((e for e in errors if isinstance(e, ValueError)), None)
             if refused is not None:  # the engine refused the request itself (e.g. prompt + prefix past the context)
                 raise bad_request(str(refused)) from refused
-            raise errors[0]
+            missing = next((e for e in errors if isinstance(e, KeyError)), None)
+            if missing is not None:  # the adapter version was deleted before the engine core parsed it
+                raise ApiError(404, f"The adapter is gone: {missing.args[0]}", code="adapter_not_found") from missing
+            raise _unavailable(errors[0]) if isinstance(errors[0], EngineUnavailable) else errors[0]
         self._first = [r for r in results if not isinstance(r, BaseException)]
         self._timer.admitted(self._prompt_lengths, self._params)
 
@@ -119,6 +128,8 @@ class Generation:
                 self._timer.on_output(prompt_index, choice, output)
                 yield ChoiceOutput(choice, output)
             self._timer.completed()
+        except EngineUnavailable as exc:
+            raise _unavailable(exc) from exc
         finally:
             await source.aclose()
             await self.aclose()
@@ -156,6 +167,10 @@ class Generation:
         for stream in self._streams:
             with contextlib.suppress(RuntimeError):  # "already running": the task running it is closing it
                 await stream.aclose()
+
+
+def _unavailable(exc: EngineUnavailable) -> ApiError:
+    return ApiError(503, f"The engine is not running: {exc}", type=SERVER_ERROR, code="engine_unavailable")
 
 
 async def _first_output(stream: AsyncGenerator[RequestOutput, None]) -> RequestOutput | None:

@@ -41,6 +41,7 @@ _WHEN = {
     413: "The request body is larger than this server's limit.",
     422: "The adapter is malformed or does not fit the base model (the message says why).",
     429: "The queue is full: retry after `Retry-After` seconds.",
+    503: "The engine is not running (its process exited): the server needs a restart.",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "required": True, "schema": {"type": "string"}}},
@@ -73,7 +74,7 @@ GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
             }
         },
     },
-    **error_responses(400, 401, 404, 413, 429),
+    **error_responses(400, 401, 404, 413, 429, 503),
 }
 LIST_ERRORS = error_responses(401)
 ADAPTER_READ_ERRORS = error_responses(401, 404)
@@ -82,6 +83,7 @@ UPLOAD_ERRORS = error_responses(400, 401, 403, 409, 413, 422)
 LOAD_LORA_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422)
 UNLOAD_LORA_ERRORS = error_responses(400, 401, 403, 404, 413)
 METRICS_ERRORS = error_responses(401, 403)
+HEALTH_ERRORS = error_responses(503)
 
 ADAPTER_ID_SCHEMA = {
     "type": "string",

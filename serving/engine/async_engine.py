@@ -59,6 +59,7 @@ class AdapterStats:
 
 class AsyncEngine:
     adapter_input = AdapterInput.PARSED  # uploads reach the step thread parsed (the API's host tier)
+    host_tier = None  # the API's host cache is the host tier
 
     def __init__(self, config: ServeConfig, engine: LLMEngine | None = None) -> None:
         self.config = config
@@ -97,6 +98,9 @@ class AsyncEngine:
             self._thread.join(timeout=30)
         for stream in self._streams.values():  # nobody will step these again: end their callers' waits
             stream.put_nowait(RuntimeError("the server is shutting down"))
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     # ---- API ------------------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

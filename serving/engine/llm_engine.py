@@ -51,8 +51,11 @@ def load_tokenizer(model_dir) -> PreTrainedTokenizerFast:
 
 
 class LLMEngine:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, *, detokenize: bool = True) -> None:
+        """`detokenize=False`: outputs carry token ids only (`new_text` empty) and stop strings are not checked here;
+        the engine core process runs so, leaving text and stop strings to the API process (core_client.py)."""
         self.config = config
+        self.detokenize = detokenize
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.torch_device
@@ -130,15 +133,7 @@ class LLMEngine:
     @property
     def base_shape(self) -> BaseModelShape:
         """What adapters are validated against (start-up adapters here, uploads in the API)."""
-        mc = self.model_config
-        return BaseModelShape(
-            num_layers=mc.num_layers,
-            hidden_size=mc.hidden_size,
-            intermediate_size=mc.intermediate_size,
-            num_heads=mc.num_heads,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-        )
+        return self.model_config.base_shape()
 
     def _merge(self, name: str | None) -> Adapter | None:
         """`--merge-adapter`: fold one start-up adapter into the base weights; the engine then serves it only."""
@@ -221,7 +216,9 @@ class LLMEngine:
                         params.stop,
                         include_stop=params.include_stop_str_in_output,
                         skip_special_tokens=params.skip_special_tokens,
-                    ),
+                    )
+                    if self.detokenize
+                    else None,
                     adapter_id=adapter_id,
                     adapter=served,
                     adapter_kind=None if served is None else served.kind,
@@ -236,11 +233,22 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> None:
-        """Cancel every choice of a request and free its blocks (a client went away)."""
-        for seq in self._requests.pop(request_id, []):
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Cancel every choice of a request (or choice `index` alone: its stop string was found by the API process)
+        and free their blocks (a client went away)."""
+        if index is None:
+            seqs = self._requests.pop(request_id, [])
+        else:
+            seqs = [s for s in self._requests.get(request_id, []) if s.index == index]
+        for seq in seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.ABORT)
+        if index is not None and all(s.is_finished for s in self._requests.get(request_id, [])):
+            self._requests.pop(request_id, None)
+
+    def request_ids(self) -> list[str]:
+        """Requests with a choice not yet reported finished."""
+        return list(self._requests)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -332,17 +340,18 @@ class LLMEngine:
         p = seq.params
         check = len(seq.output_token_ids) >= p.min_tokens
         if check and (token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos)):
-            if p.include_stop_str_in_output:
+            if p.include_stop_str_in_output and seq.detokenizer is not None:
                 seq.detokenizer.add(token, check_stop=False)
             return True
-        return seq.detokenizer.add(token, check_stop=check) is not None
+        # Without a detokenizer (the engine core process) the API process looks for stop strings (output_processor.py)
+        return seq.detokenizer is not None and seq.detokenizer.add(token, check_stop=check) is not None
 
     def _output(self, seq: Sequence) -> RequestOutput:
         finished = seq.status is SequenceStatus.FINISHED
         out = RequestOutput(
             request_id=seq.request_id,
             index=seq.index,
-            new_text=seq.detokenizer.take(final=finished),
+            new_text="" if seq.detokenizer is None else seq.detokenizer.take(final=finished),
             new_token_ids=seq.pending_token_ids,
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None,
             finished=finished,

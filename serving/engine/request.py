@@ -38,6 +38,10 @@ class EngineOverloaded(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine core process is gone (crashed or killed): requests fail with 503 until the server restarts."""
+
+
 # Temperatures below this sample greedily (vLLM's rule): dividing logits by less overflows float32.
 GREEDY_TEMPERATURE = 1e-5
 # What torch.Generator.manual_seed accepts; the n choices of a request use seed, seed + 1, ... seed + n - 1.

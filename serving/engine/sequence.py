@@ -27,7 +27,7 @@ class Sequence:
     index: int  # choice number within the request
     prompt_token_ids: list[int]
     params: SamplingParams
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: the API process detokenizes (engine core process)
     adapter_id: str | None = None
     adapter: Adapter | None = None  # the parsed adapter it runs on (None: the base model or a merged adapter)
     adapter_kind: AdapterKind | None = None

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from switchboard.adapters_store.kinds.base import BaseModelShape
+
 # model_type -> whether q/k/v carry a bias by default
 SUPPORTED_MODEL_TYPES: dict[str, bool] = {"llama": False, "mistral": False, "qwen2": True}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -56,6 +58,17 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def base_shape(self) -> BaseModelShape:
+        """What adapters are validated against, for every engine that serves this model."""
+        return BaseModelShape(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+        )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

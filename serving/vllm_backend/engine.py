@@ -24,7 +24,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 
-from switchboard.adapters_store.kinds import AdapterKind, BaseModelShape, load_adapter
+from switchboard.adapters_store.kinds import AdapterKind, load_adapter
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.async_engine import AdapterStats
 from switchboard.serving.engine.llm_engine import EngineStats, load_tokenizer
@@ -65,6 +65,7 @@ class _SchedulerGauges(StatLoggerBase):
 
 class VllmEngine:
     adapter_input = AdapterInput.DIRECTORY  # vLLM loads each version's PEFT files itself
+    host_tier = None  # vLLM holds its LoRA adapters; the API parses nothing
     grammars = None  # structured output is not offered on this backend yet (400 saying so)
 
     def __init__(self, config: ServeConfig) -> None:
@@ -73,14 +74,7 @@ class VllmEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.model_name: str = config.served_model_name or config.model.name
         self.tokenizer = load_tokenizer(config.model)
-        self.base_shape = BaseModelShape(
-            num_layers=mc.num_layers,
-            hidden_size=mc.hidden_size,
-            intermediate_size=mc.intermediate_size,
-            num_heads=mc.num_heads,
-            num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
-        )
+        self.base_shape = mc.base_shape()
         self.base_weight_bytes = checkpoint_weight_bytes(config.model, config.torch_dtype)
         self.merged_adapter: str | None = None
         startup = {name: load_adapter(path, self.base_shape, name) for name, path in config.adapters.items()}

@@ -25,7 +25,12 @@ def test_bench_serve_prints_the_table_and_writes_json_and_png(tiny_model_dir: Pa
     assert "no vLLM venv" in res.stdout
     report = json.loads((tmp_path / "out/serve.json").read_text())
     names = list(report["configs"])
-    assert names == ["ours in process", "ours over HTTP, base model", "ours over HTTP, 2 distinct LoRA r=8"]
+    assert names == [
+        "ours in process",
+        "ours over HTTP, base model",
+        "ours over HTTP, 2 distinct LoRA r=8",
+        "ours over HTTP, base model, engine thread (--engine-process off)",
+    ]
     for name in names:
         runs = report["runs"][name]
         assert len(runs) == 2 and all(r["tokens"] == 4 * 4 for r in runs)  # EOS ignored: every token generated

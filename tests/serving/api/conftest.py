@@ -20,8 +20,10 @@ import pytest
 import uvicorn
 
 from switchboard.serving.api.app import create_app
+from switchboard.serving.backends import create_engine
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.async_engine import AsyncEngine
+from switchboard.serving.engine.core_client import EngineCoreClient
 
 MAX_MODEL_LEN = 2048  # long enough that a request left running after its client left takes seconds
 STARTUP_TIMEOUT_S = 60.0
@@ -30,7 +32,7 @@ STARTUP_TIMEOUT_S = 60.0
 @dataclass
 class RunningServer:
     url: str  # http://127.0.0.1:PORT
-    engine: AsyncEngine
+    engine: EngineCoreClient | AsyncEngine  # the engine core process unless engine_process=False
     server: uvicorn.Server
     thread: threading.Thread
 
@@ -47,7 +49,7 @@ class RunningServer:
 
 
 def start_server(config: ServeConfig) -> RunningServer:
-    engine = AsyncEngine(config)
+    engine = create_engine(config)
     app = create_app(engine, config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
