@@ -105,10 +105,10 @@ def _add_bench_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds over every configuration")
     p.add_argument(
-        "--no-thread-row",
-        dest="thread_row",
+        "--no-core-row",
+        dest="core_row",
         action="store_false",
-        help="skip the row of our server with its engine in a thread (--engine-process off)",
+        help="skip the row of our server with its engine in a process of its own (--engine-process on)",
     )
     p.add_argument(
         "--vllm-venv",

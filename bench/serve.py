@@ -37,7 +37,7 @@ from .serve_report import plot, print_table
 IN_PROCESS = "ours in process"
 OURS_BASE = "ours over HTTP, base model"
 OURS_LORA = "ours over HTTP, {n} distinct LoRA r={r}"
-OURS_THREAD = "ours over HTTP, base model, engine thread (--engine-process off)"
+OURS_CORE = "ours over HTTP, base model, engine core process (--engine-process on)"
 VLLM_BASE = "vLLM over HTTP, LoRA disabled"
 VLLM_LORA_BASE = "vLLM over HTTP, LoRA enabled, no adapter"
 VLLM_LORA = "vLLM over HTTP, {n} distinct LoRA r={r}"
@@ -129,17 +129,17 @@ def _servers(args: argparse.Namespace, model_dir: Path, workdir: Path) -> tuple[
         http_config(OURS_BASE, ours, [ours.model_name], m),
         http_config(OURS_LORA.format(n=n, r=r), ours, names, m),
     ]
-    if args.thread_row:  # the same server with its engine in a thread: what the engine core process changes
-        print("[bench-serve] starting switchboard serve --engine-process off ...", flush=True)
-        thread = serve_servers.ours(model_dir, workdir, {}, args.dtype, engine_process=False)
+    if args.core_row:  # the same server with its engine in a process of its own: what that process changes
+        print("[bench-serve] starting switchboard serve --engine-process on ...", flush=True)
+        core = serve_servers.ours(model_dir, workdir, {}, args.dtype, engine_process=True)
         ours.pause()
         try:
-            thread.start()
+            core.start()
         finally:
             ours.resume()
-        thread.pause()
-        started.append(thread)
-        configs.append(http_config(OURS_THREAD, thread, [thread.model_name], m))
+        core.pause()
+        started.append(core)
+        configs.append(http_config(OURS_CORE, core, [core.model_name], m))
     venv = args.vllm_venv
     if venv is None or not (venv / "bin/python").exists():
         print(f"[bench-serve] no vLLM venv at {venv}: vLLM rows skipped (`make vllm-venv` builds one)", flush=True)

@@ -3,7 +3,7 @@
 Two views, as issue 16 asks:
 - py-spy (`record --native --threads --idle`) on `switchboard serve` and on its engine core process while W runs
   over HTTP (base model, then 32 distinct LoRA adapters): every sample of the engine's loop thread (in the core
-  process, or the server's engine thread with `--engine-process off`) and of the server's event loop is put in one
+  process with `--engine-process on`, else the server's engine thread) and of the server's event loop is put in one
   category by the frames of its stack (Python and native), so the shares are shares of wall time, GIL waits and idle
   included;
 - torch's profiler on the same model in this process (the step alone, no HTTP): the operators a step runs.
@@ -26,7 +26,7 @@ from pathlib import Path
 from . import serve_servers
 from .serve import _http_run, _uptime, prompts_for, stdlib_ids
 
-ENGINE_THREAD = "switchboard-engine"  # the server's step thread with --engine-process off
+ENGINE_THREAD = "switchboard-engine"  # the server's step thread (the default, --engine-process off)
 CORE_THREAD = "engine-core-loop"  # the engine core process's step loop (serving/engine/core.py)
 MAIN_THREAD = "MainThread"
 
@@ -133,7 +133,7 @@ def profile_http(args: argparse.Namespace, workdir: Path) -> dict:
     tok = load_tokenizer(args.model)
     ids, bos = stdlib_ids(tok), tok.bos_token_id
     loras = serve_servers.write_loras(args.model, workdir / "adapters", args.num_loras, args.lora_rank)
-    server = serve_servers.ours(args.model, workdir, loras, args.dtype)
+    server = serve_servers.ours(args.model, workdir, loras, args.dtype, engine_process=args.engine_process == "on")
     server.start()
     assert server.proc is not None
     results: dict[str, dict] = {}
@@ -188,7 +188,7 @@ def profile_http(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def _core_pid(server_pid: int) -> int | None:
-    """The server's engine core process (multiprocessing's spawned child); None with --engine-process off."""
+    """The server's engine core process (multiprocessing's spawned child); None without --engine-process on."""
     import psutil  # with py-spy, in the test extra
 
     for child in psutil.Process(server_pid).children():
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-loras", type=int, default=32)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="W runs recorded per workload")
+    p.add_argument("--engine-process", choices=["on", "off"], default="off", help="the server's --engine-process")
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip torch's profiler of the step")
     p.add_argument("--out", type=Path, default=Path("bench-results/serve-profile.json"))

@@ -109,17 +109,17 @@ class Server:
             self.proc.wait(10)
 
 
-def ours(model_dir: Path, workdir: Path, loras: dict[str, Path], dtype: str, *, engine_process: bool = True) -> Server:
+def ours(model_dir: Path, workdir: Path, loras: dict[str, Path], dtype: str, *, engine_process: bool = False) -> Server:
     """`switchboard serve` with the LoRA adapters registered at start (requests name them as `model`); its engine in
-    a process of its own (the default) or in a thread of the server (`--engine-process off`)."""
+    a thread of the server (the default) or in a process of its own (`--engine-process on`)."""
     exe = str(Path(sys.executable).with_name("switchboard"))
-    store = workdir / ("store" if engine_process else "store-thread")
+    store = workdir / ("store-core" if engine_process else "store")
     cmd = [exe, "serve", "--model", str(model_dir), "--dtype", dtype, "--store", str(store)]
     cmd += ["--max-resident-adapters", str(max(32, len(loras))), "--log-level", "warning"]
     cmd += ["--engine-process", "on" if engine_process else "off"]
     for name, d in loras.items():
         cmd += ["--adapter", f"{name}={d}"]
-    label = "switchboard" if engine_process else "switchboard-thread"
+    label = "switchboard-core" if engine_process else "switchboard"
     server = Server(label, cmd, workdir / f"{label}.log", model_dir.name)
     server.cmd += ["--port", str(server.port)]
     return server

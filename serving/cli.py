@@ -57,10 +57,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument(
         "--engine-process",
-        default="on",
+        default="off",
         choices=["on", "off"],
-        help="on: the scheduler/model/sampler loop runs in a process of its own (requests and token ids over ZeroMQ); "
-        "off: in a thread of the server's process (debugging, comparisons)",
+        help="on: the scheduler/model/sampler loop runs in a process of its own (requests and token ids over ZeroMQ), "
+        "for machines with cores to spare; off: in a thread of the server's process (on 2 cores it measured as fast; "
+        "docs/benchmarks.md)",
     )
     p.add_argument(
         "--adapter",

@@ -71,8 +71,9 @@ class ServeConfig:
     replicas: int | None = None
     ray_address: str | None = None  # join this Ray cluster (`ray start --head` printed it); None: start a local one
     # Run the scheduler/model/sampler loop in a process of its own (serving/engine/core.py), so that it never waits
-    # on the HTTP side's event loop for the GIL; False: a thread of the server's process (debugging, comparisons).
-    engine_process: bool = True
+    # on the HTTP side's event loop for the GIL; False: a thread of the server's process, which on 2 cores served W
+    # as fast (a third busy process there costs as much as the GIL waits it removes; docs/benchmarks.md).
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)

@@ -29,7 +29,7 @@ def test_bench_serve_prints_the_table_and_writes_json_and_png(tiny_model_dir: Pa
         "ours in process",
         "ours over HTTP, base model",
         "ours over HTTP, 2 distinct LoRA r=8",
-        "ours over HTTP, base model, engine thread (--engine-process off)",
+        "ours over HTTP, base model, engine core process (--engine-process on)",
     ]
     for name in names:
         runs = report["runs"][name]
@@ -46,11 +46,12 @@ def test_bench_serve_prints_the_table_and_writes_json_and_png(tiny_model_dir: Pa
 def test_serve_profile_attributes_the_engine_threads_time(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     cmd = [sys.executable, "-m", "switchboard.bench.serve_profile", "--model", str(tiny_model_dir), *SMALL_W]
-    cmd += ["--rounds", "3", "--rate", "200", "--no-torch", "--out", str(out)]
+    cmd += ["--rounds", "3", "--rate", "200", "--no-torch", "--engine-process", "on", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     http = json.loads(out.read_text())["http"]
     assert set(http) == {"base", "2 LoRA"}
+    assert all(r["engine_process"] for r in http.values())  # the engine's loop sampled in the core process
     for r in http.values():
         assert abs(sum(r["engine"].values()) - 1) < 1e-6 and abs(sum(r["event_loop"].values()) - 1) < 1e-6
         assert r["engine_thread_s"] > 0

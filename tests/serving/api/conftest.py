@@ -32,7 +32,7 @@ STARTUP_TIMEOUT_S = 60.0
 @dataclass
 class RunningServer:
     url: str  # http://127.0.0.1:PORT
-    engine: EngineCoreClient | AsyncEngine  # the engine core process unless engine_process=False
+    engine: EngineCoreClient | AsyncEngine  # the engine core process with engine_process=True
     server: uvicorn.Server
     thread: threading.Thread
 

@@ -21,8 +21,9 @@ PROMPTS = ["Hello there", "The quick brown fox", "1 2 3"]
 
 
 @pytest.fixture(scope="module")
-def in_thread(server_factory: ServerFactory) -> RunningServer:
-    return server_factory(engine_process=False)
+def core(server_factory: ServerFactory) -> RunningServer:
+    """`--engine-process on`; the session's `server` (the default, the engine in a thread) is the reference."""
+    return server_factory(engine_process=True)
 
 
 def _client(server: RunningServer) -> openai.OpenAI:
@@ -65,21 +66,21 @@ def _stop_from(text: str) -> str:
     pytest.skip("the tiny model's text has no usable stop string")
 
 
-def test_the_core_process_serves_the_same_tokens_and_text(server: RunningServer, in_thread: RunningServer) -> None:
-    assert server.engine.config.engine_process and not in_thread.engine.config.engine_process
+def test_the_core_process_serves_the_same_tokens_and_text(core: RunningServer, server: RunningServer) -> None:
+    assert core.engine.config.engine_process and not server.engine.config.engine_process
     for prompt in PROMPTS:
         body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-        plain = _choices(in_thread, **body)
-        assert _choices(server, **body) == plain
+        plain = _choices(server, **body)
+        assert _choices(core, **body) == plain
         stop = _stop_from(plain[0][0])
         stopped = {**body, "stop": [stop], "n": 2, "temperature": 0.8, "seed": 7, "logprobs": 2}
-        expected = _choices(in_thread, **stopped)
-        assert _choices(server, **stopped) == expected
-        assert _streamed(server, **stopped) == _streamed(in_thread, **stopped)
+        expected = _choices(server, **stopped)
+        assert _choices(core, **stopped) == expected
+        assert _streamed(core, **stopped) == _streamed(server, **stopped)
     greedy_stop = {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-    stop = _stop_from(_choices(in_thread, **greedy_stop)[0][0])
-    result = _choices(server, **greedy_stop, stop=[stop])
-    assert result == _choices(in_thread, **greedy_stop, stop=[stop])
+    stop = _stop_from(_choices(server, **greedy_stop)[0][0])
+    result = _choices(core, **greedy_stop, stop=[stop])
+    assert result == _choices(server, **greedy_stop, stop=[stop])
     assert result[0][1] == "stop" and stop not in result[0][0] and result[0][2] < 24
 
 
@@ -97,19 +98,19 @@ FEATURES = [
 
 @pytest.mark.parametrize("fields", FEATURES, ids=lambda f: "+".join(f))
 def test_sampling_fields_and_grammars_through_the_core(
-    server: RunningServer, in_thread: RunningServer, fields: dict[str, object]
+    core: RunningServer, server: RunningServer, fields: dict[str, object]
 ) -> None:
     body = {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0, **fields}
-    assert _raw(server, body) == _raw(in_thread, body)
+    assert _raw(core, body) == _raw(server, body)
 
 
-def test_stop_strings_with_min_tokens_and_include_stop_str(server: RunningServer, in_thread: RunningServer) -> None:
+def test_stop_strings_with_min_tokens_and_include_stop_str(core: RunningServer, server: RunningServer) -> None:
     base = {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-    text = _choices(in_thread, **base)[0][0]
+    text = _choices(server, **base)[0][0]
     stop = _stop_from(text)
     for extra in ({"include_stop_str_in_output": True}, {"min_tokens": 12}, {"min_tokens": 24}):
         body = {**base, "stop": [stop], **extra}
-        assert _raw(server, body) == _raw(in_thread, body), extra
+        assert _raw(core, body) == _raw(server, body), extra
 
 
 def _raw(server: RunningServer, body: dict[str, object]) -> tuple[object, object]:
@@ -120,24 +121,24 @@ def _raw(server: RunningServer, body: dict[str, object]) -> tuple[object, object
     return data["choices"], data["usage"]
 
 
-def test_a_stop_string_stops_the_core_generating(server: RunningServer) -> None:
+def test_a_stop_string_stops_the_core_generating(core: RunningServer) -> None:
     """The core does not check stop strings: the API process finds one and aborts that choice in the core, which
     frees its blocks at once (else it would run on to max_tokens, seconds on this model)."""
     body = {"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-    stop = _stop_from(_choices(server, **body)[0][0])
-    result = _choices(server, **{**body, "max_tokens": 1500, "stop": [stop]})
+    stop = _stop_from(_choices(core, **body)[0][0])
+    result = _choices(core, **{**body, "max_tokens": 1500, "stop": [stop]})
     assert result[0][1] == "stop"
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        stats = server.engine.stats()
+        stats = core.engine.stats()
         if stats.num_running == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks:
             return
         time.sleep(0.02)
-    raise AssertionError(f"the core still runs the stopped request: {server.engine.stats()}")
+    raise AssertionError(f"the core still runs the stopped request: {core.engine.stats()}")
 
 
 def test_kill_9_of_the_core_fails_requests_with_503(server_factory: ServerFactory) -> None:
-    doomed = server_factory()
+    doomed = server_factory(engine_process=True)
     pid = doomed.engine.core_pid
     assert pid is not None
     with _client(doomed) as client:
@@ -182,7 +183,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_the_core_dies_with_the_server_on_kill_9(tiny_model_dir: Path, tmp_path: Path) -> None:
-    server = ServeProcess(tmp_path, tiny_model_dir, "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64")
+    flags = ("--engine-process", "on", "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64")
+    server = ServeProcess(tmp_path, tiny_model_dir, *flags)
     try:
         cores = [pid for pid in _children(server.pid) if _alive(pid)]
         assert cores, "the server has no engine core process"
