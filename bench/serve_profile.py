@@ -46,12 +46,13 @@ ENGINE_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("post-processing (append, stop checks, outputs to the loop)", ("llm_engine.py", "async_engine.py", "core.py")),
 ]
 LOOP_RULES: list[tuple[str, tuple[str, ...]]] = [
-    ("idle: waiting in epoll", ("select (selectors.py", "epoll_wait")),
+    ("idle: waiting in epoll", ("select (selectors.py", "epoll_wait", "epoll_pwait")),  # asyncio's loop, uvloop's
     ("JSON and response chunks", ("json", "responses.py", "streaming.py", "pydantic")),
     ("engine outputs (channel, detokenisation, asyncio queues)", ("async_engine.py", "core_client.py", "output_proc")),
     ("request parsing, prompts, auth", ("body.py", "prompts.py", "resolve.py", "auth.py", "schemas.py")),
-    ("HTTP (uvicorn, h11/httptools, starlette)", ("uvicorn", "h11", "httptools", "starlette", "fastapi", "anyio")),
-    ("asyncio scheduling", ("asyncio",)),
+    # every stack starts in uvicorn's run(): its protocols, not its entry point, are HTTP work
+    ("HTTP (uvicorn, h11/httptools, starlette)", ("uvicorn/protocols", "h11", "httptools", "starlette", "anyio")),
+    ("event loop scheduling (asyncio, uvloop)", ("asyncio", "uv_run", "loop.c")),
 ]
 
 

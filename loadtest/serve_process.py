@@ -24,6 +24,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the server's engine core, its compilers): from each process's stat line,
+    where the field after the state is the parent's pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 class ServeProcess:
     """`switchboard serve --model MODEL --store STORE --port PORT *flags`, run in `workdir` with its output appended
     to `workdir/serve.log`; answering /health when the constructor returns. The store defaults to `workdir/store`,

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from .serve_process import child_pids
+
 
 class Outcome(StrEnum):
     COMPLETED = "completed"  # answered in full (a well-formed request, or a hostile one that may be answered)
@@ -50,7 +52,7 @@ def read_rss(pid: int) -> int | None:
     own = _process_rss(pid)
     if own is None:
         return None
-    return own + sum(_process_rss(child) or 0 for child in _children(pid))
+    return own + sum(_process_rss(child) or 0 for child in child_pids(pid))
 
 
 def _process_rss(pid: int) -> int | None:
@@ -61,20 +63,6 @@ def _process_rss(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (from each process's stat line: the field after the state is the parent)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def rss_growth(samples: list[RssSample], warmup_s: float, window: int = 5) -> list[dict[str, object]]:

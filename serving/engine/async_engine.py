@@ -57,6 +57,14 @@ class AdapterStats:
     waiting: list[str]  # adapters of waiting sequences
 
 
+def over_fair_share(tenant: str, waiting: Counter[str], max_waiting: int) -> bool:
+    """Whether `tenant` holds its share of a queue at least half full: `waiting` counts each tenant's waiting
+    requests; the share is max_waiting / (n + 1), n the tenants waiting (with this one)."""
+    if waiting.total() < max_waiting / 2:
+        return False
+    return waiting[tenant] >= max_waiting / (len(set(waiting) | {tenant}) + 1)
+
+
 class AsyncEngine:
     adapter_input = AdapterInput.PARSED  # uploads reach the step thread parsed (the API's host tier)
     host_tier = None  # the API's host cache is the host tier
@@ -154,14 +162,10 @@ class AsyncEngine:
         of it, n the tenants waiting: a flood from one tenant meets 429 while the others still get in."""
         if self.config.api_keys is None:
             return False
-        waiting = list(self.engine.scheduler.waiting)
-        if len(waiting) + self._pending_adds < self.config.max_waiting / 2:
-            return False
-        counts = Counter(seq.tenant for seq in waiting)
+        counts = Counter(seq.tenant for seq in list(self.engine.scheduler.waiting))
         with self._pending_lock:
             counts.update(self._pending_by_tenant)
-        counts[tenant] += 0
-        return counts[tenant] >= self.config.max_waiting / (len(counts) + 1)
+        return over_fair_share(tenant, counts, self.config.max_waiting)
 
     def refuses_kind(self, kind: str) -> str | None:
         """Why requests for adapters of `kind` cannot be served here (None: every kind is)."""

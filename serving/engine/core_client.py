@@ -27,7 +27,7 @@ from switchboard.adapters_store.kinds import BaseModelShape
 
 from ..config import ServeConfig
 from . import wire
-from .async_engine import AdapterStats
+from .async_engine import AdapterStats, over_fair_share
 from .core import CoreAddresses, run_engine_core
 from .guided import GrammarCompiler
 from .llm_engine import EngineStats, load_tokenizer
@@ -254,13 +254,9 @@ class EngineCoreClient:
         """As `AsyncEngine._over_fair_share`, over the core's waiting tenants plus the requests sent since."""
         if self.config.api_keys is None:
             return False
-        pending = len(self._unacknowledged)
-        if self._snapshot.num_waiting + pending < self.config.max_waiting / 2:
-            return False
         counts = Counter(self._snapshot.waiting_by_tenant)
         counts.update(self._pending_by_tenant)
-        counts[tenant] += 0
-        return counts[tenant] >= self.config.max_waiting / (len(counts) + 1)
+        return over_fair_share(tenant, counts, self.config.max_waiting)
 
     # ---- the wire -------------------------------------------------------------------------------------------------
     def _send(self, message: list) -> None:

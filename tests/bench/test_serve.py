@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from switchboard.bench.serve_profile import ENGINE_RULES, classify
+from switchboard.bench.serve_profile import ENGINE_RULES, LOOP_RULES, classify
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +73,12 @@ def test_classify_orders_its_rules() -> None:
     assert classify(f"{step};sample (engine/sampler.py:40)", ENGINE_RULES) == "sampling"
     idle = "_run (engine/async_engine.py:224);_queue_SimpleQueue_get (_queuemodule.c.h:177);0x7efc10ca3f16 (libc.so.6)"
     assert classify(idle, ENGINE_RULES).startswith("idle")
+    # uvloop's loop (uvicorn's default): every stack starts in uvicorn's run(); waiting is epoll_pwait under libuv
+    loop = "run (uvicorn/main.py:643);run_forever (loop.c:33192);uv_run (core.c:464);uv__io_poll (linux.c:1452)"
+    assert classify(f"{loop};epoll_pwait (libc.so.6)", LOOP_RULES).startswith("idle")
+    http = f"{loop};uv__read (stream.c:1143);data_received (uvicorn/protocols/http/httptools_impl.py:120)"
+    assert classify(http, LOOP_RULES).startswith("HTTP")
+    assert classify(f"{loop};uv__run_timers (timer.c:185)", LOOP_RULES).startswith("event loop scheduling")
     # CPython 3.11 waits for the GIL in a condition variable called from the interpreter; torch's waits are its own
     gil = f"{step};guard (engine/isolation.py:33);pthread_cond_wait (libc.so.6);0x7efc10ca3f16 (libc.so.6)"
     assert classify(gil, ENGINE_RULES) == "GIL wait"

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..serve_process import free_port
+from ..serve_process import child_pids, free_port
 
 
 def _serve(model_dir: Path, cache: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
@@ -46,18 +46,6 @@ def _processes_in(directory: Path) -> list[int]:
     return pids
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 def _wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -88,7 +76,7 @@ def test_a_server_killed_mid_build_does_not_block_the_next_start(tiny_model_dir:
             tmp_path / "first.log",
         )
         time.sleep(1)
-        server = {first.pid, *_children(first.pid)}  # the server and its engine core, which builds the kernels
+        server = {first.pid, *child_pids(first.pid)}  # the server and its engine core, which builds the kernels
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from ...serve_process import ServeProcess
+from ...serve_process import ServeProcess, child_pids
 from .conftest import RunningServer, ServerFactory
 
 PROMPTS = ["Hello there", "The quick brown fox", "1 2 3"]
@@ -160,19 +160,6 @@ def test_kill_9_of_the_core_fails_requests_with_503(server_factory: ServerFactor
     assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable"
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -186,7 +173,7 @@ def test_the_core_dies_with_the_server_on_kill_9(tiny_model_dir: Path, tmp_path:
     flags = ("--engine-process", "on", "--dtype", "float32", "--device", "cpu", "--num-kv-blocks", "64")
     server = ServeProcess(tmp_path, tiny_model_dir, *flags)
     try:
-        cores = [pid for pid in _children(server.pid) if _alive(pid)]
+        cores = [pid for pid in child_pids(server.pid) if _alive(pid)]
         assert cores, "the server has no engine core process"
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait(10)

@@ -52,7 +52,7 @@ def server(
     # Registered like `serve --adapter`, with the served bound lifted: the point is the engine.
     overflow = write_overflowing_lora(tiny_model_dir, root / "overflow")
     adapters = {name: peft_adapters[name] for _, name, _ in STREAMS if name is not None}
-    # The lifted bound is a patch in this process: the engine runs here too (a thread, the default), not in a core process.
+    # The lifted bound is a patch in this process: the engine runs here (a thread, the default), not in a core process.
     with served_bound_lifted():
         return server_factory(api_keys=keys, adapters={**adapters, "overflow": overflow})
 
