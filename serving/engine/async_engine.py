@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from switchboard.adapters_store.kinds import Adapter
 
 from ..config import ServeConfig
-from .llm_engine import EngineStats, LLMEngine
+from .llm_engine import AdapterStats, EngineStats, LLMEngine
 from .request import AdapterInput, EngineOverloaded, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,19 +42,6 @@ class _Abort:
 @dataclass(slots=True)
 class _Retire:
     adapter_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterStats:
-    """The device tier, for metrics (read from the step thread's structures without stopping it)."""
-
-    max_resident: int
-    resident: int
-    loads: int
-    hits: int
-    evictions: int
-    running: list[str]  # adapters of running sequences
-    waiting: list[str]  # adapters of waiting sequences
 
 
 def over_fair_share(tenant: str, waiting: Counter[str], max_waiting: int) -> bool:
@@ -176,17 +163,7 @@ class AsyncEngine:
         self._commands.put(_Retire(adapter_id))
 
     def adapter_stats(self) -> AdapterStats:
-        slots = self.engine.served_adapters.stats()
-        sched = self.engine.scheduler
-        return AdapterStats(
-            max_resident=slots.max_resident,
-            resident=slots.resident,
-            loads=slots.loads,
-            hits=slots.hits,
-            evictions=slots.evictions,
-            running=sorted({s.adapter_id for s in list(sched.running) if s.adapter_id is not None}),
-            waiting=sorted({s.adapter_id for s in list(sched.waiting) if s.adapter_id is not None}),
-        )
+        return self.engine.adapter_stats()
 
     # ---- the step thread ------------------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:

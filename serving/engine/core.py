@@ -237,7 +237,7 @@ class EngineCore:
     def snapshot(self) -> Snapshot:
         e = self.engine
         sched = e.scheduler
-        slots = e.served_adapters.stats()
+        adapters = e.adapter_stats()
         waiting = list(sched.waiting)
         tenants = dict(Counter(s.tenant for s in waiting)) if self.config.api_keys is not None else {}
         h = self.host
@@ -250,13 +250,13 @@ class EngineCore:
             num_preemptions=e.stats().num_preemptions,
             adds_applied=self._adds_applied,
             waiting_by_tenant=tenants,
-            max_resident=slots.max_resident,
-            resident=slots.resident,
-            loads=slots.loads,
-            hits=slots.hits,
-            evictions=slots.evictions,
-            running_adapters=sorted({s.adapter_id for s in sched.running if s.adapter_id is not None}),
-            waiting_adapters=sorted({s.adapter_id for s in waiting if s.adapter_id is not None}),
+            max_resident=adapters.max_resident,
+            resident=adapters.resident,
+            loads=adapters.loads,
+            hits=adapters.hits,
+            evictions=adapters.evictions,
+            running_adapters=adapters.running,
+            waiting_adapters=adapters.waiting,
             host=[h.hits, h.misses, h.loads, h.evictions, len(h)],
             load_seconds=loads,
         )

@@ -27,10 +27,10 @@ from switchboard.adapters_store.kinds import BaseModelShape
 
 from ..config import ServeConfig
 from . import wire
-from .async_engine import AdapterStats, over_fair_share
+from .async_engine import over_fair_share
 from .core import CoreAddresses, run_engine_core
 from .guided import GrammarCompiler
-from .llm_engine import EngineStats, load_tokenizer
+from .llm_engine import AdapterStats, EngineStats, load_tokenizer
 from .output_processor import RequestTexts
 from .request import AdapterInput, EngineOverloaded, EngineUnavailable, RequestOutput, SamplingParams
 from .wire import FromCore, Refusal, Snapshot, ToCore

@@ -34,6 +34,19 @@ from .sequence import Sequence, SequenceStatus
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class AdapterStats:
+    """The device tier, for metrics (read from the step thread's structures without stopping it)."""
+
+    max_resident: int
+    resident: int
+    loads: int
+    hits: int
+    evictions: int
+    running: list[str]  # adapters of running sequences
+    waiting: list[str]  # adapters of waiting sequences
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_running: int
@@ -260,6 +273,20 @@ class LLMEngine:
             num_kv_blocks=self.blocks.num_blocks,
             num_free_kv_blocks=self.blocks.num_free,
             num_preemptions=self._num_preemptions,
+        )
+
+    def adapter_stats(self) -> AdapterStats:
+        """The device tier and the adapters of running and waiting sequences (safe to call from another thread:
+        it copies the scheduler's queues before reading them)."""
+        slots = self.served_adapters.stats()
+        return AdapterStats(
+            max_resident=slots.max_resident,
+            resident=slots.resident,
+            loads=slots.loads,
+            hits=slots.hits,
+            evictions=slots.evictions,
+            running=sorted({s.adapter_id for s in list(self.scheduler.running) if s.adapter_id is not None}),
+            waiting=sorted({s.adapter_id for s in list(self.scheduler.waiting) if s.adapter_id is not None}),
         )
 
     # ---- the step -------------------------------------------------------------------------------------------

@@ -26,8 +26,7 @@ from vllm.v1.metrics.stats import IterationStats, SchedulerStats
 
 from switchboard.adapters_store.kinds import AdapterKind, load_adapter
 from switchboard.serving.config import ServeConfig
-from switchboard.serving.engine.async_engine import AdapterStats
-from switchboard.serving.engine.llm_engine import EngineStats, load_tokenizer
+from switchboard.serving.engine.llm_engine import AdapterStats, EngineStats, load_tokenizer
 from switchboard.serving.engine.request import AdapterInput, EngineOverloaded, RequestOutput, SamplingParams
 from switchboard.serving.models.config import ModelConfig
 from switchboard.serving.vllm_backend.checkpoint import checkpoint_weight_bytes
