@@ -35,12 +35,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
 
 from switchboard.adapters_store.kinds.base import ALL_LINEAR
 from switchboard.serving.demo import build_demo_model, tiny_spec
-from switchboard.serving.demo_adapters import seed_adapter_weights
+from switchboard.serving.demo_adapters import build_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 HOME_CACHE = Path.home() / ".cache"
@@ -150,11 +149,7 @@ def peft_configs() -> dict[str, tuple[PeftConfig, int]]:
 
 @pytest.fixture(scope="session")
 def peft_adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for name, (config, seed) in peft_configs().items():
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        model = get_peft_model(base, config)
-        seed_adapter_weights(model, seed)
-        out[name] = tmp_path_factory.mktemp(f"adapter-{name}")
-        model.save_pretrained(out[name])
-    return out
+    return {
+        name: build_adapter(tiny_model_dir, config, tmp_path_factory.mktemp(f"adapter-{name}"), seed)
+        for name, (config, seed) in peft_configs().items()
+    }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from .real_model import HAVE_REAL_MODEL, REAL_MODEL, needs_real_model
 from .serve_process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +86,6 @@ def background(argv: list[str], cwd: Path, log: Path) -> Iterator[subprocess.Pop
             process.wait()
 
 
-REAL_MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
-HAVE_REAL_MODEL = bool(os.environ.get("SWITCHBOARD_REAL_MODEL")) and (REAL_MODEL / "config.json").exists()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with what `make serve` reads from the checkout: the shipped demo adapters, and the real model
@@ -109,11 +106,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-@pytest.mark.skipif(
-    not HAVE_REAL_MODEL,
-    reason="the real model is not fetched: `make test` fetches it (switchboard fetch-model smollm2-135m --out DIR) "
-    "and sets SWITCHBOARD_REAL_MODEL=DIR",
-)
+@needs_real_model
 def test_make_serve_twice_builds_nothing_and_the_second_start_is_healthy_within_15_s(workdir: Path) -> None:
     """`make serve` serves the real model (linked in by the fixture) with the shipped adapters: neither start fetches
     or builds anything."""

@@ -6,7 +6,6 @@ model's replies to the same prompts show none of it. Thresholds sit below the sc
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -16,14 +15,11 @@ from switchboard.serving.demo_eval import SCORES_FILE, Score, score_adapters
 from switchboard.training.chat_tasks import TASKS, questions
 from switchboard.training.demo import CHAT_EVAL_FRACTION, CHAT_TASKS, TASKS_DIR
 
+from ..real_model import REAL_MODEL, needs_real_model
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "training" / "demo_adapters" / "smollm2-135m"
-MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
-needs_model = pytest.mark.skipif(
-    not (os.environ.get("SWITCHBOARD_REAL_MODEL") and (MODEL / "config.json").exists()),
-    reason="the real model is not fetched: `make test` fetches it (switchboard fetch-model smollm2-135m --out DIR) "
-    "and sets SWITCHBOARD_REAL_MODEL=DIR",
-)
+MODEL = REAL_MODEL
 # adapter -> (least share of held-out replies with the task's form, least share exactly the reference reply)
 # (measured on 24 held-out questions, scores.json: form 96% / 100% / 100% / 100%, exact 17% / 33% / 83% / 42%)
 THRESHOLDS = {
@@ -68,7 +64,7 @@ def test_the_shipped_adapters_are_small_bfloat16_safetensors_with_their_scores()
         assert measured[name]["form"] >= form and measured[name]["exact"] >= exact, (name, measured[name])
 
 
-@needs_model
+@needs_real_model
 @pytest.mark.parametrize("name", list(THRESHOLDS))
 def test_the_adapter_changes_held_out_answers_and_the_base_model_does_not(name: str, scores: dict[str, Score]) -> None:
     score = scores[name]

@@ -13,13 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import IA3Config, LoKrConfig, LoraConfig, PeftConfig, PrefixTuningConfig
 
 from switchboard.adapters_store.kinds.base import ALL_LINEAR
 from switchboard.serving.demo import build_demo_model, tiny_spec
-from switchboard.serving.demo_adapters import seed_adapter_weights
+from switchboard.serving.demo_adapters import build_adapter
 
 from ..serve_process import ServeProcess
 
@@ -64,14 +62,10 @@ def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_adapters(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for name, (config, seed) in adapter_configs().items():
-        base = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32)
-        model = get_peft_model(base, config)
-        seed_adapter_weights(model, seed)
-        out[name] = tmp_path_factory.mktemp(f"adapter-{name}")
-        model.save_pretrained(out[name])
-    return out
+    return {
+        name: build_adapter(vllm_model_dir, config, tmp_path_factory.mktemp(f"adapter-{name}"), seed)
+        for name, (config, seed) in adapter_configs().items()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -5,30 +5,23 @@ batch; every response parses and validates."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig
 
-from switchboard.serving.demo_adapters import seed_adapter_weights
+from switchboard.serving.demo_adapters import build_adapter
 
+from ...real_model import REAL_MODEL, needs_real_model
 from .conftest import RunningServer, serve_config, start_server
 
-MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
-pytestmark = pytest.mark.skipif(
-    not (os.environ.get("SWITCHBOARD_REAL_MODEL") and (MODEL / "config.json").exists()),
-    reason="the real model is not here: `make real-model` fetches it into .cache/models/smollm2-135m, and `make test` "
-    "sets SWITCHBOARD_REAL_MODEL=DIR",
-)
+MODEL = REAL_MODEL
+pytestmark = needs_real_model
 CITY = {
     "type": "object",
     "properties": {
@@ -46,11 +39,8 @@ DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
 
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    base = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    seed_adapter_weights(lora, 11)
-    adapter_dir = tmp_path_factory.mktemp("real-lora")
-    lora.save_pretrained(adapter_dir)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    adapter_dir = build_adapter(MODEL, lora, tmp_path_factory.mktemp("real-lora"), 11)
     config = serve_config(
         MODEL,
         adapters={"real-lora": adapter_dir},

@@ -3,7 +3,6 @@ than the text's real count, exact when that fits the limit; and a text of megaby
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -13,6 +12,8 @@ from transformers import PreTrainedTokenizerFast
 from switchboard.serving.api.errors import ApiError
 from switchboard.serving.api.prompts import Budget, _count_at_least, completion_prompts
 from switchboard.serving.engine.llm_engine import load_tokenizer
+
+from ...real_model import HAVE_REAL_MODEL, REAL_MODEL
 
 LIMIT = 256
 TEXTS = {
@@ -26,12 +27,7 @@ TEXTS = {
 }
 
 
-def tokenizers() -> list[Path]:
-    real = os.environ.get("SWITCHBOARD_REAL_MODEL")
-    return [Path(real)] if real and (Path(real) / "config.json").exists() else []
-
-
-@pytest.fixture(scope="module", params=["tiny", *tokenizers()], ids=str)
+@pytest.fixture(scope="module", params=["tiny", *([REAL_MODEL] if HAVE_REAL_MODEL else [])], ids=str)
 def tokenizer(request: pytest.FixtureRequest, tiny_model_dir: Path) -> PreTrainedTokenizerFast:
     return load_tokenizer(tiny_model_dir if request.param == "tiny" else request.param)
 

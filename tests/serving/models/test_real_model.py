@@ -4,10 +4,6 @@ English, and our engine's greedy tokens equal transformers' (plain forward passe
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -19,12 +15,10 @@ from switchboard.serving.engine.request import SamplingParams
 from switchboard.serving.models.config import ModelConfig
 from switchboard.training.greedy import greedy_tokens
 
-MODEL = Path(os.environ.get("SWITCHBOARD_REAL_MODEL", "")).resolve()
-pytestmark = pytest.mark.skipif(
-    not (os.environ.get("SWITCHBOARD_REAL_MODEL") and (MODEL / "config.json").exists()),
-    reason="the real model is not fetched: `make test` fetches it (switchboard fetch-model smollm2-135m --out DIR) "
-    "and sets SWITCHBOARD_REAL_MODEL=DIR",
-)
+from ...real_model import REAL_MODEL, needs_real_model
+
+MODEL = REAL_MODEL
+pytestmark = needs_real_model
 QUESTION = "What is the capital of France?"
 
 
