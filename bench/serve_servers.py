@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ import httpx
 
 from switchboard.adapters_store import synthetic
 from switchboard.adapters_store.kinds.base import CONFIG_FILE, WEIGHTS_FILE, BaseModelShape
+from switchboard.loadtest.serve_process import free_port
 
 STARTUP_TIMEOUT_S = 1800  # vLLM-CPU compiles and warms its graphs at start: over 10 minutes on two busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_loras(model_dir: Path, out: Path, count: int, rank: int) -> dict[str, Path]:
