@@ -30,7 +30,7 @@ from switchboard.serving.api.adapter_registry import AdapterRegistry
 from switchboard.serving.api.adapter_routes import adapter_router
 from switchboard.serving.api.auth import Authenticator, Tenant, read_api_keys
 from switchboard.serving.api.body import RequestWorker, json_body_route
-from switchboard.serving.api.errors import SERVER_ERROR, ApiError, bad_request, install_error_handlers
+from switchboard.serving.api.errors import SERVER_ERROR, ApiError, bad_request, check_text, install_error_handlers
 from switchboard.serving.api.generation import ClientDisconnected, Generation, unless_disconnected
 from switchboard.serving.api.openapi import (
     GENERATION_RESPONSES,
@@ -156,6 +156,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes, app.router.route_class))
 
     def resolve(body: SamplingFields, tenant: Tenant) -> ResolvedModel:
+        check_text(body.user or "", param="user")
         return resolve_model(
             body.model,
             body.adapter_id,

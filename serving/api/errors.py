@@ -8,6 +8,7 @@ method: 405 with an `Allow` header naming every method the path has) and anythin
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,11 +56,33 @@ class ApiError(Exception):
 
 
 def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _encodable(message), "type": type, "param": param, "code": code}}
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(message: str) -> str:
+    """A message that echoes a client's string may hold a lone surrogate (JSON lets a client send "\\ud800"), which
+    UTF-8 cannot encode: the response would fail to render. Such a character is written as its escape, in text."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", message)
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, type=INVALID_REQUEST, code=code, param=param)
+
+
+def check_text(text: str, *, param: str) -> None:
+    """Refuse text that UTF-8 cannot encode: a lone surrogate, which JSON can escape (`"\\ud800"`) but no tokenizer
+    can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad_request(
+            f"The {param} holds a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is not "
+            "valid Unicode text.",
+            param=param,
+        ) from exc
 
 
 def internal_error(message: str) -> ApiError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from switchboard.serving.api.errors import ApiError, bad_request
+from switchboard.serving.api.errors import ApiError, bad_request, check_text
 from switchboard.serving.api.schemas import ChatMessage, PromptField
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
@@ -133,19 +133,6 @@ def _template_message(message: ChatMessage) -> dict[str, str]:
     if message.name is not None:
         rendered["name"] = message.name
     return rendered
-
-
-def check_text(text: str, *, param: str) -> None:
-    """Refuse text that UTF-8 cannot encode: a lone surrogate, which JSON can escape (`"\\ud800"`) but no tokenizer
-    can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad_request(
-            f"The {param} holds a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is not "
-            "valid Unicode text.",
-            param=param,
-        ) from exc
 
 
 def check_token_ids(ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, *, param: str) -> None:

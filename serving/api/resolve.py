@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from switchboard.serving.api.errors import ApiError, bad_request
+from switchboard.serving.api.errors import ApiError, bad_request, check_text
 
 # adapter id -> whether an adapter with that id exists and the caller may use it.
 AdapterLookup = Callable[[str], bool]
@@ -42,6 +42,8 @@ def resolve_model(
     - `adapter_id` absent: `model` absent or the base model means the base model; `model` naming an adapter means
       that adapter; anything else is 404 `model_not_found`.
     """
+    check_text(model or "", param="model")
+    check_text(adapter_id or "", param="adapter_id")
     if adapter_id == "":
         raise bad_request(
             "`adapter_id` is empty; leave it out (or null) for the base model, or name an adapter.", param="adapter_id"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
-from switchboard.serving.api.errors import ApiError
+from switchboard.serving.api.errors import ApiError, error_body
 from switchboard.serving.api.prompts import completion_budget
 from switchboard.serving.api.resolve import resolve_model
 
@@ -183,6 +185,10 @@ def test_completion_budget() -> None:
             '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}], "max_tokens": 1}',
             "messages",
         ),
+        # Echoed in the "does not exist" message, these could not be encoded: 500, or a connection reset.
+        ("/v1/completions", '{"prompt": "a", "model": "x\\ud800", "max_tokens": 1}', "model"),
+        ("/v1/completions", '{"prompt": "a", "adapter_id": "\\udfff", "max_tokens": 1}', "adapter_id"),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a"}], "user": "\\ud800"}', "user"),
     ],
 )
 def test_lone_surrogates_are_400(http, route: str, body: str, param: str) -> None:
@@ -191,3 +197,16 @@ def test_lone_surrogates_are_400(http, route: str, body: str, param: str) -> Non
     assert resp.status_code == 400, resp.text
     assert_error_shape(resp.json(), type_="invalid_request_error", param=param)
     assert "surrogate" in resp.json()["error"]["message"]
+
+
+def test_an_error_message_echoing_a_lone_surrogate_still_renders() -> None:
+    body = error_body("The adapter `a\ud800` does not exist.", type="not_found_error")
+    assert body["error"]["message"] == "The adapter `a\\ud800` does not exist."
+    assert json.dumps(body, ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_out_of_range_is_400(http, seed: int) -> None:
+    resp = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "seed": seed})
+    assert resp.status_code == 400, resp.text
+    assert_error_shape(resp.json(), type_="invalid_request_error", param="seed")
