@@ -52,7 +52,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--kv-cache-dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: float32 on the CPU, the model's dtype elsewhere",
+        help="auto: the model's dtype",
     )
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument(

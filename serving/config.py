@@ -36,8 +36,9 @@ class ServeConfig:
     # Paged KV cache
     block_size: int = 16
     kv_cache_gb: float = 1.0
-    # auto: float32 on the CPU (decode attention runs in float32 there; a 16-bit cache would be upcast at every
-    # step, which measured 5-25% slower end to end at twice the cache bytes saved), the model's dtype elsewhere.
+    # auto: the model's dtype. Keys and values are computed in it, so a float32 cache of a bf16 model holds the same
+    # values at twice the bytes; attention computes in float32 on the CPU either way (the decode kernel converts rows
+    # as it reads them), so the cache's dtype changes no result there, only the bytes each decode step reads.
     kv_cache_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_kv_blocks: int | None = None  # overrides kv_cache_gb (tests use tiny pools to force preemption)
     # Adapters
@@ -135,7 +136,7 @@ class ServeConfig:
     @property
     def torch_kv_cache_dtype(self) -> torch.dtype:
         if self.kv_cache_dtype == "auto":
-            return torch.float32 if self.torch_device.type == "cpu" else self.torch_dtype
+            return self.torch_dtype
         return TORCH_DTYPES[self.kv_cache_dtype]
 
     @property

@@ -142,10 +142,11 @@ def paged_attention(
         # index_select on flat slots is several times faster than advanced indexing with a 2-D index on CPU.
         k_g = cache[0].index_select(0, g.kv_slots.flatten()).view(batch, ctx, *cache.shape[2:])  # [B, L, KV, D]
         v_g = cache[1].index_select(0, g.kv_slots.flatten()).view(batch, ctx, *cache.shape[2:])
-        if (g.out_index is None and q.dtype != torch.float32) or q_g.dtype != k_g.dtype:
-            # Decode (one query per sequence): the CPU kernel is 2-3x faster in float32 than in bf16/fp16 at
-            # these sizes, and the upcast of the gathered context costs less than the difference. A float32
-            # cache (the CPU default, see ServeConfig.kv_cache_dtype) makes the upcast unnecessary.
+        if q_g.dtype != k_g.dtype or (q.dtype != torch.float32 and (g.out_index is None or q.device.type == "cpu")):
+            # Decode (one query per sequence): SDPA's CPU kernel is 2-3x faster in float32 than in bf16/fp16 at
+            # these sizes, and the upcast of the gathered context costs less than the difference. On the CPU
+            # prefill computes in float32 too, as the decode kernel does, so that a 16-bit cache gives the results
+            # a float32 one gives.
             q_g, k_g, v_g = q_g.float(), k_g.float(), v_g.float()
         o = F.scaled_dot_product_attention(
             q_g.transpose(1, 2),

@@ -68,14 +68,46 @@ def test_request_longer_than_the_pool_ends_with_length(tiny_model_dir: Path) -> 
     assert engine.blocks.num_free == 4
 
 
-@pytest.mark.parametrize(("setting", "expected"), [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(("setting", "expected"), [("auto", torch.bfloat16), ("float32", torch.float32)])
 def test_kv_cache_dtype(tiny_model_dir: Path, prompts, setting: str, expected: torch.dtype) -> None:
-    # auto keeps a float32 cache on the CPU, where decode attention computes in float32 anyway.
+    # auto: the model's dtype (its keys and values are computed in it).
     config = ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", num_kv_blocks=64, kv_cache_dtype=setting)
     engine = LLMEngine(config)
     assert engine.kv_cache.data.dtype == expected
     out = engine.generate(prompts[:4], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert [len(o) for o in out] == [8] * 4
+
+
+Logprobs = list[tuple[int, float, list[tuple[int, float]]]]  # per token: id, logprob, the top 3
+
+
+def _greedy_with_logprobs(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, Logprobs]:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    got: dict[str, Logprobs] = {f"r{i}": [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.logprobs is not None
+            got[out.request_id] += [(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs]
+    return got
+
+
+def test_a_bf16_cache_gives_a_float32_caches_results(tiny_model_dir: Path, prompts) -> None:
+    """A bf16 model's keys and values are bf16 values: held in a float32 cache they are the same numbers, and
+    attention (prefill chunks and decodes) computes in float32 from either, so every logprob is identical."""
+    results = []
+    for kv in ("bfloat16", "float32"):
+        config = ServeConfig(
+            model=tiny_model_dir,
+            dtype="bfloat16",
+            device="cpu",
+            num_kv_blocks=64,
+            max_batch_tokens=24,
+            kv_cache_dtype=kv,
+        )
+        results.append(_greedy_with_logprobs(LLMEngine(config), prompts[:6]))
+    assert results[0] == results[1]
 
 
 def test_a_prompt_longer_than_the_step_budget_alone(tiny_model_dir: Path, prompts, reference) -> None:
