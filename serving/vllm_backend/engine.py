@@ -101,6 +101,10 @@ class VllmEngine:
         """Call from inside the running event loop: vLLM's output handler runs on it."""
         self._loop = asyncio.get_running_loop()
 
+    def is_alive(self) -> bool:
+        """False once vLLM's engine core has died (its requests then fail; /health answers 503)."""
+        return not self._llm.errored
+
     def shutdown(self) -> None:
         self._llm.shutdown()
         self._loras.close()
