@@ -39,7 +39,7 @@ ENGINE_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("batch metadata (ids, positions, slots, adapter segments)", ("ModelRunner.prepare", "StepBatches.batch")),
     ("adapter ops (LoRA shrink/expand)", ("AdapterBatch.add_output", "AdapterBatch.transform_input")),
     ("forward: oneDNN weight re-pack (copy_b)", ("copy_b",)),
-    ("forward: attention", ("paged_attention", "apply_rope")),
+    ("forward: attention", ("paged_attention", "rope (", "rope_ (")),  # step_ops.rope, cpu_step.rope_
     ("forward: linear products", ("AdapterLinear.forward",)),
     ("forward: norms, activations, embedding, residuals", ("LlamaModel.forward",)),
     ("detokenisation", ("detokenizer.py",)),

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from switchboard.adapters_store.kinds import Adapter, AdapterError, BaseModelShape, PrefixAdapter, load_adapter
+from switchboard.kernels import cpu_step
 from switchboard.kernels.backend import default_backend, get_kernels
 from switchboard.kernels.cpu_adapters import compiled_adapters_available
 from switchboard.kernels.paged_attention import compiled_paged_attention_available
@@ -22,6 +23,7 @@ from ..models.config import ModelConfig
 from ..models.loader import load_model
 from ..models.prepack import prepack_available, prepack_bf16
 from ..models.quant import weight_bytes
+from ..models.step_ops import compiled_step_ops, compiled_step_ops_apply
 from . import isolation
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -104,6 +106,8 @@ class LLMEngine:
         self.merged_adapter = self._merge(config.merge_adapter)
         if prepack_available(config.torch_dtype, self.device):  # after merging: the packed copies are snapshots
             prepack_bf16(self.model, batch_hint=min(config.max_num_seqs, 32))
+        if compiled_step_ops_apply(config.torch_dtype, self.device):
+            self.model.ops = compiled_step_ops()
         # Slots exist even without start-up adapters: uploads register adapters while serving.
         self.served_adapters = ServedAdapters(
             self.adapters,
@@ -126,6 +130,7 @@ class LLMEngine:
             # Build (or load) the compiled CPU kernels now, not inside the first request (~10 s cold each).
             compiled_paged_attention_available()
             compiled_adapters_available()
+            cpu_step.compiled_step_available()
         self._requests: dict[str, list[Sequence]] = {}
         self._failed: list[Sequence] = []  # sequences ended by an error during the current step
         self._failed_admissions: list[tuple[Sequence, str]] = []  # adapters that failed to load in `schedule`

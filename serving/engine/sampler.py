@@ -17,6 +17,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from switchboard.kernels import cpu_step
+
 from .guided import TokenMasks, apply_token_masks
 from .logits_processors import TokenHistory, process_logits
 from .request import SamplingParams, TokenLogprob
@@ -54,6 +56,24 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+def _finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row is finite. A row's sum is NaN or infinite when the row holds a NaN or an infinity, so one
+    summing pass clears the common case (torch's aminmax took 2.5 ms on 32 rows of a 49k vocabulary, the sum 0.04);
+    a sum can also overflow on finite values past about 1e34, so rows it does not clear are checked element-wise."""
+    finite = torch.isfinite(logits.sum(-1))
+    if not bool(finite.all()):
+        suspect = torch.nonzero(~finite, as_tuple=True)[0]
+        finite[suspect] = torch.isfinite(logits[suspect]).all(-1)
+    return finite.tolist()
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximum (torch's argmax; the compiled one on float32 CPU rows, about 10x faster there)."""
+    if logits.is_cpu and logits.dtype == torch.float32 and cpu_step.compiled_step_available():
+        return cpu_step.argmax_rows(logits)
+    return logits.argmax(-1)
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -66,9 +86,7 @@ def sample(
     tokens (what penalties, min_tokens and bad words read; required when a row uses one); `masks`: the tokens each
     guided row may choose (structured output), applied after the processors. Returns token ids (None for a row whose
     logits are not finite) and logprobs."""
-    # One pass for both ends of each row (NaN propagates into them): cheaper than a [N, V] isfinite mask and all().
-    lo, hi = torch.aminmax(logits, dim=-1)
-    finite = (torch.isfinite(lo) & torch.isfinite(hi)).tolist()
+    finite = _finite_rows(logits)
     if history is None and any(p.processes_logits for p in params):
         raise ValueError("penalties, min_tokens, logit_bias and bad words need each row's token history")
     processed = logits if history is None else process_logits(logits, params, history, eos_token_ids)
@@ -80,7 +98,7 @@ def sample(
         dead = ~torch.isfinite(choosable).any(-1)
         if bool(dead.any()):
             choosable[dead] = apply_token_masks(logits, masks)[dead]
-    tokens: list[int | None] = choosable.argmax(-1).tolist()  # every greedy row, and a default for the rest
+    tokens: list[int | None] = _argmax(choosable).tolist()  # every greedy row, and a default for the rest
     for i, p in enumerate(params):
         if not finite[i]:
             tokens[i] = None

@@ -15,20 +15,17 @@ from torch import nn
 from .attention import AttentionMetadata, paged_attention
 from .config import ModelConfig
 from .linear import AdapterLinear, LinearDeltas
-from .rope import apply_rope, rope_cos_sin
+from .rope import rope_cos_sin
+from .step_ops import TORCH_OPS, StepOps
 
 
 class RMSNorm(nn.Module):
+    """Holds the norm's weight; the model applies it through its `StepOps` (with the residual add fused)."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, as transformers does, then scale in the model's dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -49,12 +46,13 @@ class Attention(nn.Module):
         cache: torch.Tensor,
         meta: AttentionMetadata,
         deltas: LinearDeltas | None,
+        ops: StepOps,
     ) -> torch.Tensor:
-        # x: [T, hidden]; cos, sin: [T, 1, head_dim]; cache: [2, slots, kv_heads, head_dim]
-        qkv = self.qkv(x, deltas)
+        # x: [T, hidden]; cos, sin: [T, head_dim]; cache: [2, slots, kv_heads, head_dim]
+        qkv = ops.rope(self.qkv(x, deltas), cos, sin, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(-1, self.q_size), deltas)
@@ -68,9 +66,8 @@ class MLP(nn.Module):
         self.gate_up = AdapterLinear(layer_idx, cfg.hidden_size, parts)
         self.down_proj = AdapterLinear(layer_idx, cfg.intermediate_size, {"down_proj": cfg.hidden_size})
 
-    def forward(self, x: torch.Tensor, deltas: LinearDeltas | None) -> torch.Tensor:
-        gate, up = self.gate_up(x, deltas).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up, deltas)
+    def forward(self, x: torch.Tensor, deltas: LinearDeltas | None, ops: StepOps) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up(x, deltas)), deltas)
 
 
 class DecoderLayer(nn.Module):
@@ -99,6 +96,8 @@ class LlamaModel(nn.Module):
         )
         # The logits product `logits_matmul(hidden, logits_weight())`: F.linear, or a packed one (prepack.py).
         self.logits_matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear
+        # The element-wise work between products: torch's ops, or compiled ones (step_ops.py), chosen once.
+        self.ops: StepOps = TORCH_OPS
         self.rope_cos = self.rope_sin = torch.empty(0)
         self.set_max_positions(max_positions)
 
@@ -120,13 +119,19 @@ class LlamaModel(nn.Module):
         deltas: LinearDeltas | None = None,
     ) -> torch.Tensor:
         # input_ids, positions: [T]; kv_cache: [layers, 2, slots, kv_heads, head_dim] -> hidden [T, hidden]
-        h = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(h.dtype)[:, None, :]
-        sin = self.rope_sin[positions].to(h.dtype)[:, None, :]
+        ops = self.ops
+        residual = self.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(residual.dtype)
+        sin = self.rope_sin[positions].to(residual.dtype)
+        # Each norm after the first adds the previous block's output into the residual stream as it normalises it.
+        norms = [*(layer.input_layernorm for layer in self.layers), self.norm]
+        x = ops.rms_norm(residual, norms[0].weight, norms[0].eps)
         for i, layer in enumerate(self.layers):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, kv_cache[i], meta, deltas)
-            h = h + layer.mlp(layer.post_attention_layernorm(h), deltas)
-        return self.norm(h)
+            post = layer.post_attention_layernorm
+            attn = layer.self_attn(x, cos, sin, kv_cache[i], meta, deltas, ops)
+            x, residual = ops.add_rms_norm(attn, residual, post.weight, post.eps)
+            x, residual = ops.add_rms_norm(layer.mlp(x, deltas, ops), residual, norms[i + 1].weight, norms[i + 1].eps)
+        return x
 
     def logits_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head
