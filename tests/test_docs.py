@@ -39,3 +39,16 @@ def test_the_readme_names_every_command_of_the_cli() -> None:
     block = (ROOT / "README.md").read_text().split("## Command line", 1)[1].split("## ", 1)[0]
     named = set(re.findall(r"switchboard ([a-z-]+)", block)) | set(re.findall(r"\| ([a-z-]+)", block))
     assert sorted(set(commands) - named) == []
+
+
+def test_the_readme_says_of_every_request_field_whether_it_is_applied_or_refused() -> None:
+    """Issue 19: no field a client can send is silently ignored; the README's table names each one."""
+    from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest
+
+    section = (ROOT / "README.md").read_text().split("## OpenAI API", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    named = set(re.findall(r"`([a-z_]+)", rows["applied"] + rows["refused"]))
+    named |= {f"guided_{suffix}" for suffix in ("regex", "choice", "grammar")}  # written `guided_json` / `_regex`
+    context = {"model", "prompt", "messages", "stream", "adapter_id"}  # the request itself, in the API's text
+    fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
+    assert sorted(fields - named - context) == []
