@@ -119,6 +119,14 @@ class ServerMetrics:
             ["endpoint", "status"],
             registry=self.registry,
         )
+        # A streamed response's status (200) is sent before its generation can fail; its error event is counted here.
+        self.stream_errors = Counter(
+            PREFIX + "stream_errors",
+            "Streamed responses (counted as 200 in requests_total) that ended with an error event, by route and the "
+            "error's status code.",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
         self.time_to_first_token = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "From a request's arrival to its first generated token.",

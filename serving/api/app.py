@@ -192,7 +192,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         header = {"id": request_id, "object": fmt.object, "created": int(time.time()), "model": resolved.name}
         if body.stream:
-            events = stream_events(generation, fmt, texts, header, body.include_usage)
+            endpoint = request.scope["route"].path
+
+            def on_error(error: ApiError) -> None:
+                metrics.stream_errors.labels(endpoint=endpoint, status=str(error.status)).inc()
+
+            events = stream_events(generation, fmt, texts, header, body.include_usage, on_error)
             return EventStreamResponse(events, on_close=generation.aclose)
         try:
             states = await unless_disconnected(request, _collect(generation, fmt, texts))

@@ -51,8 +51,10 @@ async def stream_events(
     texts: TokenTexts,
     header: dict[str, Any],
     include_usage: bool,
+    on_error: Callable[[ApiError], None] = lambda _: None,
 ) -> AsyncGenerator[str, None]:
-    """The SSE events of one streamed response. `header` holds `id`, `object`, `created` and `model`."""
+    """The SSE events of one streamed response. `header` holds `id`, `object`, `created` and `model`; `on_error` is
+    told of a failure that ends the stream with an error event (the metrics count it)."""
     chunk_header = {**header, "object": fmt.chunk_object}
     states = [fmt.new_state(i) for i in range(generation.num_choices)]
     for index in range(generation.num_choices):
@@ -68,6 +70,7 @@ async def stream_events(
     except Exception as exc:  # the status is sent: end every unfinished choice with "error" and the error object
         logger.exception("generation %s failed while streaming", header.get("id"))
         error = exc if isinstance(exc, ApiError) else internal_error(f"Generation failed: {type(exc).__name__}: {exc}")
+        on_error(error)
         unfinished = [i for i, state in enumerate(states) if state.finish_reason is None]
         ended = [fmt.chunk_choice(i, Delta("", [], [], "error")) for i in unfinished]
         yield sse({**chunk_header, "choices": ended, **error.body()})

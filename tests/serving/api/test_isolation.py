@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save_file
 
 from ...unbounded import served_bound_lifted
@@ -21,6 +22,7 @@ from .adapter_files import base_shape, lora_config, lora_tensors
 from .conftest import RunningServer, ServerFactory
 
 KEYS = {"alice": "key-alice", "bob": "key-bob", "mallory": "key-mallory"}
+ADMIN_KEY = "key-ops"
 # (tenant, adapter, route) of the streams the attacks must not disturb
 STREAMS = [
     ("alice", "lora", "completions"),
@@ -48,7 +50,7 @@ def server(
 ) -> RunningServer:
     root = tmp_path_factory.mktemp("isolation")
     keys = root / "api-keys"
-    keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in KEYS.items()))
+    keys.write_text("".join(f"{key} {tenant}\n" for tenant, key in KEYS.items()) + f"{ADMIN_KEY} ops admin\n")
     # Registered like `serve --adapter`, with the served bound lifted: the point is the engine.
     overflow = write_overflowing_lora(tiny_model_dir, root / "overflow")
     adapters = {name: peft_adapters[name] for _, name, _ in STREAMS if name is not None}
@@ -145,3 +147,13 @@ def test_attacks_fail_alone_while_other_tenants_stream(server: RunningServer) ->
         assert finished_at > attacks_done  # each stream ran through every attack
     alone = [_generate(server, *s, False) for s in STREAMS]
     assert [r[0] for r in results] == alone
+    # The two streams that failed after their 200 are counted as failures, by the error's status.
+    exposition = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    errors = {
+        (sample.labels["endpoint"], sample.labels["status"]): sample.value
+        for family in text_string_to_metric_families(exposition)
+        if family.name == "switchboard_stream_errors"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert errors == {("/v1/completions", "500"): 1.0, ("/v1/chat/completions", "500"): 1.0}
