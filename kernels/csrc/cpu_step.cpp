@@ -10,6 +10,7 @@
 namespace {
 
 using switchboard::bf16_to_float;
+using switchboard::exp_f32;
 
 // float32 -> bfloat16 bits, rounded to nearest even as torch converts (a NaN stays a quiet NaN).
 inline uint16_t float_to_bf16(float f) {
@@ -20,24 +21,6 @@ inline uint16_t float_to_bf16(float f) {
 
 // What torch computes for one bf16 element-wise op: the float32 result rounded to bf16.
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
-
-// exp(x) in plain arithmetic that gcc vectorises: 2^n * exp(r) with |r| <= ln(2) / 2 and Cephes' expf polynomial
-// (relative error about 2e-7); 0 below -87.3, +inf above 88.7, NaN kept.
-inline float exp_f32(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float two_n = std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
-  const float e = p * two_n;
-  return x < -87.3f ? 0.0f : (x > 88.7f ? INFINITY : (x == x ? e : x));
-}
 
 const uint16_t* bf16_data(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
 uint16_t* bf16_data_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }

@@ -25,24 +25,8 @@ inline const float* row_f32(const c10::Half* src, float* buf, int64_t n) {
   return buf;
 }
 
+using switchboard::exp_f32;
 using switchboard::prefetch_lines;
-
-// exp(x) for x <= 0 (a score minus its maximum), in plain arithmetic that gcc vectorises: 2^n * exp(r) with
-// |r| <= ln(2) / 2 and Cephes' expf polynomial (relative error about 2e-7); 0 below -87, NaN kept.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float n = float(-int32_t(0.5f - xc * 1.44269504088896341f));  // nearest: truncates a positive
-  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float two_n = std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : (x == x ? p * two_n : x);  // NaN stays NaN
-}
 
 // Dot product of two float32 rows (D known at compile time for the common head sizes).
 template <int64_t DC>
@@ -120,7 +104,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t l = 0; l < n; ++l) {
-            s[l] = exp_nonpositive(s[l] - m);
+            s[l] = exp_f32(s[l] - m);
             sum += s[l];
           }
           denom[hq] = sum;

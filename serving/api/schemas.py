@@ -32,7 +32,11 @@ STRICT = ConfigDict(extra="ignore", strict=True)
 # --max-request-bytes) would otherwise make pydantic build a million errors, seconds of work holding the GIL, and a
 # response of megabytes. Valid bodies validate as before.
 FAIL_FAST = Field(fail_fast=True)
-StopField = str | Annotated[list[str], FAIL_FAST] | None
+# Every step checks each running sequence's new text against each of its stop strings and its token against each
+# stop token id: half a million of either (within --max-request-bytes) slowed every tenant's decode. vLLM sets no
+# bound; OpenAI allows 4 stop strings.
+MAX_STOPS = 1024
+StopField = str | Annotated[list[str], Field(max_length=MAX_STOPS), FAIL_FAST] | None
 _TEXT: dict[str, Any] = {"type": "string", "minLength": 1}
 _TOKEN_IDS: dict[str, Any] = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 # A completion prompt: one text, several texts, one token-id list, or several token-id lists; never empty (checked
@@ -117,7 +121,7 @@ class SamplingFields(GuidedFields):
     top_k: Annotated[Int, Field(ge=-1)] | None = None  # vLLM extension; -1 or 0 disables
     n: Annotated[Int, Field(ge=1, le=128)] = 1
     stop: StopField = None
-    stop_token_ids: Annotated[list[Annotated[Int, Field(ge=0)]], FAIL_FAST] | None = None  # vLLM extension
+    stop_token_ids: Annotated[list[Annotated[Int, Field(ge=0)]], Field(max_length=MAX_STOPS), FAIL_FAST] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: Int | None = None

@@ -155,6 +155,8 @@ def test_echo_prompt_logprobs_equal_a_forward_pass(server, model_name: str, tiny
         ("completions", {"repetition_penalty": 0}, "repetition_penalty", ""),
         ("completions", {"presence_penalty": 3}, "presence_penalty", ""),
         ("completions", {"bad_words": ["x"] * 1025}, "bad_words", ""),
+        ("completions", {"stop": ["x"] * 1025}, "stop", "at most 1024"),
+        ("chat", {"stop_token_ids": [1] * 1025}, "stop_token_ids", "at most 1024"),
         ("chat", {"echo": True}, "echo", "/v1/completions"),
         ("chat", {"priority": 1}, "priority", "no priorities"),
     ],
