@@ -56,8 +56,9 @@ class ServeProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "serve.log"
-        self.store = store or workdir / "store"
-        cmd = [str(Path(sys.executable).with_name("switchboard")), "serve", "--model", str(model)]
+        # The server runs in `workdir`: paths relative to the caller's directory are made absolute first.
+        self.store = (store or workdir / "store").absolute()
+        cmd = [str(Path(sys.executable).with_name("switchboard")), "serve", "--model", str(Path(model).absolute())]
         cmd += ["--store", str(self.store), "--port", str(self.port), *flags]
         self._log = self.log.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)

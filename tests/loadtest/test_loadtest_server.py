@@ -184,3 +184,17 @@ def test_compare_runs_side_by_side(server_url: str, tmp_path: Path) -> None:
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| lora | 1 |" in md and "| ia3 | 2 |" in md and "lora / ia3:" in md
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+
+
+def test_a_server_started_with_relative_paths_finds_its_model(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server runs in its work directory; bench-replicas passed `.cache/demo-model` and the server found no
+    config.json there."""
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with ServeProcess(Path("work"), Path("model"), "--log-level", "warning") as server:
+        assert server.store == tmp_path / "work" / "store"
+        models = httpx.get(f"{server.url}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == [tiny_model_dir.name]  # the server names it by the resolved directory
