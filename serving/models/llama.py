@@ -61,7 +61,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
         parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
         self.gate_up = AdapterLinear(layer_idx, cfg.hidden_size, parts)
         self.down_proj = AdapterLinear(layer_idx, cfg.intermediate_size, {"down_proj": cfg.hidden_size})
