@@ -13,7 +13,7 @@ roundings exactly; RMSNorm sums its squares in another order, and SiLU's exp is 
 float32 models keep the torch ops: they are the reference path, compared with transformers and PEFT to 1e-4.
 
 `argmax_rows` scans each row twice (its maximum, then the first index holding it): torch's CPU argmax tracks an
-index per element and took 0.9 ms on 32 rows of a 49k vocabulary, this about a tenth of that.
+index per element: in the engine's profile 0.73 ms a step on 32 rows of a 49k vocabulary, this 0.09 ms.
 
 Built on first use like the other CPU kernels (`cpp_build`); where it cannot be built, `compiled_step_available` is
 False and the engine keeps the torch ops.

@@ -58,7 +58,7 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
 
 def _finite_rows(logits: torch.Tensor) -> list[bool]:
     """Whether each row is finite. A row's sum is NaN or infinite when the row holds a NaN or an infinity, so one
-    summing pass clears the common case (torch's aminmax took 2.5 ms on 32 rows of a 49k vocabulary, the sum 0.04);
+    summing pass clears the common case (torch's aminmax took 2.5 ms on 32 rows of a 49k vocabulary, the sum 0.04 ms);
     a sum can also overflow on finite values past about 1e34, so rows it does not clear are checked element-wise."""
     finite = torch.isfinite(logits.sum(-1))
     if not bool(finite.all()):
@@ -68,7 +68,7 @@ def _finite_rows(logits: torch.Tensor) -> list[bool]:
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's first maximum (torch's argmax; the compiled one on float32 CPU rows, about 10x faster there)."""
+    """Each row's first maximum: torch's argmax, or on float32 CPU rows the compiled one (0.09 ms a step, not 0.73)."""
     if logits.is_cpu and logits.dtype == torch.float32 and cpu_step.compiled_step_available():
         return cpu_step.argmax_rows(logits)
     return logits.argmax(-1)
