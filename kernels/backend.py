@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_adapters, cpu_backend, kron, scale, sgmv
-from .segments import Segments
+from .segments import MIN_GEMM_RUN, Segments
 from .sgmv import PackedLora
 
 
@@ -45,6 +45,7 @@ class AdapterKernels:
     kron_apply: Callable[[Tensor, Tensor, Tensor, Tensor, Segments], Tensor]  # (y, x, W1, W2, seg) -> y
     segmented_scale: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> x, in place
     segmented_scaled: Callable[[Tensor, Tensor, Segments], Tensor]  # (x, V, seg) -> new tensor
+    min_gemm_run: int = MIN_GEMM_RUN  # runs this long take matmuls (`Segments.long_runs`), shorter ones the gather
 
 
 class BackendUnavailable(RuntimeError):
@@ -124,6 +125,7 @@ def _load_compiled_cpu() -> AdapterKernels:
         kron_apply=cpu_backend.kron_apply,
         segmented_scale=cpu_backend.segmented_scale,
         segmented_scaled=cpu_backend.segmented_scaled,
+        min_gemm_run=cpu_backend.MIN_GEMM_RUN,
     )
 
 

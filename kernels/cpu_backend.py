@@ -16,6 +16,12 @@ from . import cpu_adapters, kron, scale, sgmv
 from .segments import Segments
 from .sgmv import PackedLora
 
+# Runs (prefill chunks of one adapter) at least this long take matmuls; shorter ones go to the compiled ops with the
+# decode tokens. The torch gather form broke even with a matmul near 64 tokens, the compiled ops near 256: on the
+# real model with 32 distinct LoRA r=8 adapters, W's 64-token prompts through the ops ran 433 tok/s against 421 as
+# matmuls (paired), and 256-token prompts took as long either way.
+MIN_GEMM_RUN = 128
+
 
 def lora_packed(y: Tensor, x: Tensor, lora: PackedLora, seg: Segments) -> Tensor:
     """`sgmv.lora_packed`; the gathered tokens in one compiled call where `pack_lora` derived the op's operands."""

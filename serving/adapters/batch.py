@@ -70,5 +70,6 @@ class StepBatches:
             token_slots: list[int] = []
             for s in scheduled:
                 token_slots.extend([s.seq.adapter_slot if s.seq.adapter_kind is kind else -1] * s.num_tokens)
-            work.append((self.linear_layouts[kind], build_segments(token_slots, self.device)))
+            segments = build_segments(token_slots, self.device, self.kernels.min_gemm_run)
+            work.append((self.linear_layouts[kind], segments))
         return AdapterBatch(work, self.kernels)

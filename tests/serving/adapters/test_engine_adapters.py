@@ -209,3 +209,16 @@ def test_coded_lora_slots_give_the_same_tokens(tiny_model_dir: Path, peft_adapte
         assert all(bool(c.coded) == coded for c in packed)
         tokens[code] = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), names)
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.parametrize("length", [100, 200])  # below and above the compiled backend's MIN_GEMM_RUN (128)
+@pytest.mark.parametrize("name", ["lora", "lokr-full", "ia3"])
+def test_a_long_prompts_logits_match_peft(
+    name: str, length: int, engine: LLMEngine, tiny_model_dir: Path, peft_adapters: dict[str, Path]
+) -> None:
+    """A prefill run of one adapter goes to the gathered ops or to matmuls by its length; both match PEFT."""
+    prompt = torch.randint(0, 300, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    peft = _peft(tiny_model_dir, peft_adapters[name])
+    with torch.inference_mode():
+        ref = peft(input_ids=torch.tensor([prompt])).logits[0]
+    assert (engine.prompt_logits(prompt, name).cpu() - ref).abs().max().item() <= 1e-4
