@@ -69,7 +69,8 @@ def _finite_rows(logits: torch.Tensor) -> list[bool]:
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
     """Each row's first maximum: torch's argmax, or on float32 CPU rows the compiled one (0.09 ms a step, not 0.73)."""
-    if logits.is_cpu and logits.dtype == torch.float32 and cpu_step.compiled_step_available():
+    compiled = logits.is_cpu and logits.dtype == torch.float32 and logits.stride(-1) == 1
+    if compiled and cpu_step.compiled_step_available():
         return cpu_step.argmax_rows(logits)
     return logits.argmax(-1)
 

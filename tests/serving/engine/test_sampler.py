@@ -65,6 +65,24 @@ def test_a_non_finite_row_is_refused_alone() -> None:
         assert [lps[i] for i in keep] == [clean_lp[i] for i in keep]
 
 
+def test_a_finite_row_whose_sum_overflows_still_samples() -> None:
+    """Non-finite rows are found from row sums; a finite row of huge logits overflows its sum and must not be taken
+    for a non-finite one."""
+    logits = torch.full((2, V), 3e37)
+    logits[0, 5] = 3.1e37
+    logits[1, 1] = float("nan")
+    tokens, _ = sample(logits, [SamplingParams(temperature=0.0)] * 2, [None, None])
+    assert tokens == [5, None]
+
+
+def test_greedy_takes_the_first_of_tied_maxima() -> None:
+    logits = torch.zeros(3, V)
+    logits[0, [7, 2]] = 1.0
+    logits[1, V - 1] = 2.0
+    tokens, _ = sample(logits, [SamplingParams(temperature=0.0)] * 3, [None] * 3)
+    assert tokens == [2, V - 1, 0]
+
+
 @pytest.mark.parametrize(
     "fields",
     [{"temperature": float("inf")}, {"temperature": float("nan")}, {"seed": 2**64}, {"seed": 2**64 - 1, "n": 2}],
