@@ -39,7 +39,7 @@ from switchboard.serving.api.openapi import (
     METRICS_ERRORS,
     install_openapi,
 )
-from switchboard.serving.api.prompts import Budget, chat_prompt, completion_prompts
+from switchboard.serving.api.prompts import Budget, chat_prompt, completion_prompts, prompt_batch
 from switchboard.serving.api.resolve import ResolvedModel, model_cards, resolve_model
 from switchboard.serving.api.responses import (
     ChatFormat,
@@ -247,6 +247,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         _refuse_unsupported(body)
         resolved = resolve(body, tenant)
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+        num_prompts = len(prompt_batch(body.prompt))
+        if num_prompts * body.n > config.max_waiting:  # it could never be queued whole: refused before tokenizing
+            raise bad_request(
+                f"The request asks for {num_prompts * body.n} choices ({num_prompts} prompts x n={body.n}); this "
+                f"server queues at most {config.max_waiting} (--max-waiting).",
+                param="prompt",
+            )
         prompts, vllm = await worker.run(len(await request.body()), completion_inputs, body, max_tokens)
         params = _sampling_params(
             body, max_tokens=max_tokens, logprobs=body.logprobs, vllm=vllm, prompt_logprobs=body.prompt_logprobs_k()

@@ -33,15 +33,19 @@ class Budget:
         return completion_budget(prompt_len, self.max_tokens, self.max_model_len, what=self.what)
 
 
+def prompt_batch(prompt: PromptField) -> Sequence[str | list[int]]:
+    """The prompts of a completions request: one text, one token-id list, several of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):  # validated: a list of one kind
+        return [prompt]  # type: ignore[list-item]  # one prompt given as token ids
+    return prompt  # type: ignore[return-value]  # several texts or several token-id lists
+
+
 def completion_prompts(prompt: PromptField, tokenizer: PreTrainedTokenizerBase, budget: Budget) -> list[list[int]]:
     """One token-id list per prompt, each within `budget`. Texts are tokenized as the tokenizer expects (its special
     tokens added). A prompt past the context is refused before its token ids are checked against the vocabulary."""
-    if isinstance(prompt, str):
-        batch: Sequence[str | list[int]] = [prompt]
-    elif prompt and isinstance(prompt[0], int):  # validated: a list of one kind
-        batch = [prompt]  # type: ignore[list-item]  # one prompt given as token ids
-    else:
-        batch = prompt  # type: ignore[assignment]  # several texts or several token-id lists
+    batch = prompt_batch(prompt)
     if not batch or "" in batch:  # "" is empty even if the tokenizer would add a BOS
         raise bad_request("The prompt must not be empty.", param="prompt")
     for item in batch:

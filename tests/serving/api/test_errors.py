@@ -210,3 +210,11 @@ def test_a_seed_out_of_range_is_400(http, seed: int) -> None:
     resp = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "seed": seed})
     assert resp.status_code == 400, resp.text
     assert_error_shape(resp.json(), type_="invalid_request_error", param="seed")
+
+
+@pytest.mark.parametrize(("prompts", "n"), [(1025, 1), (600, 2)])  # the test server's --max-waiting is the default
+def test_more_choices_than_the_queue_holds_are_refused_before_tokenizing(http, prompts: int, n: int) -> None:
+    resp = http.post("/v1/completions", json={"prompt": ["a b c"] * prompts, "n": n, "max_tokens": 1})
+    assert resp.status_code == 400, resp.text
+    assert_error_shape(resp.json(), type_="invalid_request_error", param="prompt")
+    assert f"{prompts * n} choices" in resp.json()["error"]["message"]
