@@ -10,7 +10,9 @@ one, else from the number of text chunks.
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -115,6 +117,21 @@ def _chunk_text(chunk: dict, endpoint: Endpoint) -> str:
     return text
 
 
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def event_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines as SSE ends them (CRLF, LF or CR). httpx's aiter_lines also breaks at NEL, U+2028 and the
+    like, which a server may send raw inside an event's JSON (JSON allows them there)."""
+    rest = ""
+    async for text in resp.aiter_text():
+        *lines, rest = _SSE_LINE_END.split(rest + text)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
+
+
 async def send(
     client: httpx.AsyncClient,
     plan: PlannedRequest,
@@ -139,7 +156,7 @@ async def send(
                 rec.error, rec.error_kind = f"HTTP {resp.status_code}: {detail}", "http"
                 rec.end_s = time.perf_counter() - t0
                 return rec
-            async for line in resp.aiter_lines():
+            async for line in event_lines(resp):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()

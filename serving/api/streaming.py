@@ -25,8 +25,14 @@ logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 
 
+# JSON writes NEL, U+2028 and U+2029 raw inside strings. They do not end an SSE line, but Python's str.splitlines()
+# breaks lines at them, and so does httpx's iter_lines, which many clients read event streams with: a generated U+2028
+# cut an event's JSON in two. Written as JSON escapes, the event reads the same and is one line to every reader.
+_LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}
+
+
 def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':')).translate(_LINE_BREAKS)}\n\n"
 
 
 class EventStreamResponse(StreamingResponse):
