@@ -34,6 +34,7 @@ from switchboard.adapters_store import synthetic
 from switchboard.adapters_store.kinds import BaseModelShape
 from switchboard.adapters_store.kinds.base import ALL_LINEAR, ATTENTION, WEIGHTS_FILE
 from switchboard.adapters_store.store import AdapterInfo, AdapterStore
+from switchboard.loadtest.client import event_lines
 from switchboard.serving.config import ServeConfig
 
 
@@ -89,7 +90,7 @@ async def _request(client: httpx.AsyncClient, body: dict) -> tuple[float, int]:
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()}")
-        async for line in resp.aiter_lines():
+        async for line in event_lines(resp):
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])

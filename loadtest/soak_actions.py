@@ -19,7 +19,7 @@ import httpx
 
 from switchboard.adapters_store.kinds.base import BaseModelShape
 
-from .client import request_body, send
+from .client import event_lines, request_body, send
 from .config import Endpoint, PromptFormat
 from .soak_cases import (
     ADAPTERS,
@@ -148,7 +148,7 @@ class Actions:
         async with self.clients[tenant].stream("POST", _path(endpoint), json=body) as resp:
             if resp.status_code != 200:
                 return _failed(case, resp.status_code, (await resp.aread()).decode(errors="replace"))
-            async for line in resp.aiter_lines():
+            async for line in event_lines(resp):
                 data = line[5:].strip() if line.startswith("data:") else None
                 if data == "[DONE]":
                     return Answer(case, Outcome.COMPLETED, 200, seen)

@@ -55,7 +55,7 @@ def test_serve_profile_attributes_the_engine_threads_time(tiny_model_dir: Path, 
     for r in http.values():
         assert abs(sum(r["engine"].values()) - 1) < 1e-6 and abs(sum(r["event_loop"].values()) - 1) < 1e-6
         assert r["engine_thread_s"] > 0
-        assert any(k.startswith("forward") for k in r["engine"])  # the model ran while sampled
+        assert any(k.startswith("forward") for k in r["engine"]), r  # the model ran while sampled
     assert "adapter ops (LoRA shrink/expand)" in http["2 LoRA"]["engine"]
     assert "| engine thread | share of wall | ms per step |" in res.stdout
 
