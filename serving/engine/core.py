@@ -237,7 +237,6 @@ class EngineCore:
     def snapshot(self) -> Snapshot:
         e = self.engine
         sched = e.scheduler
-        adapters = e.adapter_stats()
         waiting = list(sched.waiting)
         tenants = dict(Counter(s.tenant for s in waiting)) if self.config.api_keys is not None else {}
         h = self.host
@@ -250,13 +249,7 @@ class EngineCore:
             num_preemptions=e.stats().num_preemptions,
             adds_applied=self._adds_applied,
             waiting_by_tenant=tenants,
-            max_resident=adapters.max_resident,
-            resident=adapters.resident,
-            loads=adapters.loads,
-            hits=adapters.hits,
-            evictions=adapters.evictions,
-            running_adapters=adapters.running,
-            waiting_adapters=adapters.waiting,
+            adapters=e.adapter_stats(),
             host=[h.hits, h.misses, h.loads, h.evictions, len(h)],
             load_seconds=loads,
         )

@@ -183,16 +183,7 @@ class EngineCoreClient:
         )
 
     def adapter_stats(self) -> AdapterStats:
-        s = self._snapshot
-        return AdapterStats(
-            max_resident=s.max_resident,
-            resident=s.resident,
-            loads=s.loads,
-            hits=s.hits,
-            evictions=s.evictions,
-            running=list(s.running_adapters),
-            waiting=list(s.waiting_adapters),
-        )
+        return self._snapshot.adapters
 
     def refuses_kind(self, kind: str) -> str | None:
         """Why requests for adapters of `kind` cannot be served here (None: the core serves every kind)."""

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from .guided import Grammar, GuidedKind, GuidedSpec
+from .llm_engine import AdapterStats
 from .request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 
@@ -138,21 +139,18 @@ class Snapshot:
     num_preemptions: int = 0
     adds_applied: int = 0
     waiting_by_tenant: dict[str, int] = dataclasses.field(default_factory=dict)  # only with --api-keys
-    # device tier (serving/adapters/metrics.py DeviceStats)
-    max_resident: int = 0
-    resident: int = 0
-    loads: int = 0
-    hits: int = 0
-    evictions: int = 0
-    running_adapters: list[str] = dataclasses.field(default_factory=list)
-    waiting_adapters: list[str] = dataclasses.field(default_factory=list)
+    # the device tier and the running and waiting adapters, as `LLMEngine.adapter_stats()` gives them
+    adapters: AdapterStats = dataclasses.field(default_factory=lambda: AdapterStats(0, 0, 0, 0, 0, [], []))
     # the core's host tier (HostStats): hits, misses, loads, evictions, size
     host: list[int] = dataclasses.field(default_factory=lambda: [0, 0, 0, 0, 0])
     load_seconds: list[float] = dataclasses.field(default_factory=list)  # adapter parses since the last snapshot
 
     def to_wire(self) -> list[Any]:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return [dataclasses.astuple(v) if isinstance(v, AdapterStats) else v for v in values]
 
     @classmethod
     def from_wire(cls, values: list[Any]) -> Snapshot:
-        return cls(*values)
+        snapshot = cls(*values)
+        snapshot.adapters = AdapterStats(*snapshot.adapters)  # type: ignore[misc]  # its fields, in order
+        return snapshot

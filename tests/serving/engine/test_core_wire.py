@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from switchboard.serving.engine import wire
 from switchboard.serving.engine.guided import Grammar, GrammarCompiler, GuidedKind, GuidedSpec
+from switchboard.serving.engine.llm_engine import AdapterStats
 from switchboard.serving.engine.output_processor import RequestTexts
 from switchboard.serving.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -75,7 +76,8 @@ def test_outputs_and_params_cross_the_wire_unchanged(tokenizer) -> None:
         prompt_logprobs=[None, TokenLogprob(3, -2.0, [(3, -2.0), (4, -2.5)])],
     )
     assert wire.output_from_wire(wire.unpack(wire.pack([wire.output_to_wire(out)]))[0]) == out
-    snapshot = wire.Snapshot(num_running=3, waiting_by_tenant={"a": 2}, running_adapters=["k"], host=[1, 2, 3, 4, 5])
+    adapters = AdapterStats(4, 2, 7, 9, 1, running=["k"], waiting=[])
+    snapshot = wire.Snapshot(num_running=3, waiting_by_tenant={"a": 2}, adapters=adapters, host=[1, 2, 3, 4, 5])
     assert wire.Snapshot.from_wire(wire.unpack(wire.pack(snapshot.to_wire()))) == snapshot
 
 
