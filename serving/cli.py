@@ -320,6 +320,9 @@ def _serve(args: argparse.Namespace) -> None:
         flush=True,
     )
     app = create_app(engine, config)
+    from .engine import openmp
+
+    openmp.serial_thread()  # the event loop's thread: any torch work there must not start OpenMP workers (openmp.py)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
 
 

@@ -54,6 +54,7 @@ from switchboard.serving.api.sampling import vllm_fields
 from switchboard.serving.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from switchboard.serving.api.streaming import EventStreamResponse, stream_events
 from switchboard.serving.config import ServeConfig
+from switchboard.serving.engine import openmp
 from switchboard.serving.engine.core_client import HostTier
 from switchboard.serving.engine.guided import Grammar, GrammarCompiler, GuidedError
 from switchboard.serving.engine.request import AdapterInput, RequestOutput, SamplingParams
@@ -111,6 +112,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        # asyncio.to_thread's pool (adapter uploads): torch on one thread there, like the pools below (openmp.py)
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=openmp.serial_thread))
         # What start-up allocated (the model, torch, transformers: some 450k objects) leaves the garbage collector's
         # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever
         # requests had allocated enough (a body of many items triggers one at once). vLLM freezes its heap likewise.
@@ -148,10 +151,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     metrics.watch_adapters(engine.adapter_stats, host if engine.host_tier is None else engine.host_tier, store)
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
-    parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-parse")
+    parser = ThreadPoolExecutor(1, "switchboard-parse", openmp.serial_thread)
     # Structured output's grammars compile here (milliseconds to a second; cached by spec), off the event loop and
     # out of the request worker's lanes, so that a big schema never holds up other requests' tokenization.
-    grammar_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-grammar")
+    grammar_pool = ThreadPoolExecutor(1, "switchboard-grammar", openmp.serial_thread)
     app.state.adapters = registry
     app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes, app.router.route_class))
 

@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 
 from switchboard.serving.api.errors import ApiError
 from switchboard.serving.api.parse_process import ParseProcess, parse_body
+from switchboard.serving.engine import openmp
 
 T = TypeVar("T")
 
@@ -71,8 +72,8 @@ class RequestWorker:
     """
 
     def __init__(self) -> None:
-        self._small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-request")
-        self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="switchboard-large-request")
+        self._small = ThreadPoolExecutor(1, "switchboard-request", openmp.serial_thread)
+        self._large = ThreadPoolExecutor(1, "switchboard-large-request", openmp.serial_thread)
         self._parser = ParseProcess()
 
     async def run(self, body_bytes: int, fn: Callable[..., T], *args: Any) -> T:

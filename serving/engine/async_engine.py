@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from switchboard.adapters_store.kinds import Adapter
 
 from ..config import ServeConfig
+from . import openmp
 from .llm_engine import AdapterStats, EngineStats, LLMEngine
 from .request import AdapterInput, EngineOverloaded, RequestOutput, SamplingParams
 
@@ -83,6 +84,7 @@ class AsyncEngine:
     def start(self) -> None:
         """Start the step thread; call from inside the running event loop."""
         self._loop = asyncio.get_running_loop()
+        openmp.release_pool()  # the loader's OpenMP workers would throttle the step thread's (openmp.py)
         self._thread = threading.Thread(target=self._run, name="switchboard-engine", daemon=True)
         self._thread.start()
 

@@ -30,7 +30,7 @@ from switchboard.adapters_store.kinds import Adapter, AdapterError, load_adapter
 
 from ..adapters import HostCache
 from ..config import ServeConfig
-from . import wire
+from . import openmp, wire
 from .llm_engine import LLMEngine
 from .request import RequestOutput
 from .wire import FromCore, Refusal, Snapshot, ToCore
@@ -81,6 +81,7 @@ def run_engine_core(config: ServeConfig, addresses: CoreAddresses, parent_pid: i
     # The loop runs in a second thread, as `--engine-process off` runs it: on this crowded 2-core machine the same
     # steps measured 8-10 tokens/s from a process's main thread and 61-69 from another thread (cause not known).
     loop = threading.Thread(target=core.serve, args=(requests, outputs), name="engine-core-loop")
+    openmp.release_pool()  # the loader's OpenMP workers would throttle the loop thread's (openmp.py)
     try:
         loop.start()
         loop.join()
@@ -103,7 +104,7 @@ class EngineCore:
         self.engine = LLMEngine(config, detokenize=False)
         self._load_seconds: deque[float] = deque()  # parse times not yet reported (appended by the parse thread)
         self.host = HostCache(config.max_host_adapters, on_load=self._load_seconds.append)
-        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-parse")
+        self._parser = ThreadPoolExecutor(1, "core-parse", openmp.serial_thread)
         self._parsing: dict[str, _Parsing] = {}  # request id -> its ADD, waiting for the adapter
         self._adds_applied = 0
         self._last_snapshot = 0.0
