@@ -173,6 +173,10 @@ class AsyncEngine:
         if stream is not None:
             stream.put_nowait(item)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
     def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, request_id, item)
@@ -201,6 +205,8 @@ class AsyncEngine:
                     del self._pending_by_tenant[cmd.tenant]
 
     def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
         while not self._stopping.is_set():
             # Block for a command only when there is nothing to step.
             block = not self.engine.has_unfinished()
@@ -223,5 +229,5 @@ class AsyncEngine:
                     self._send(request_id, RuntimeError(f"engine step failed: {exc}"))
                     self.engine.abort_request(request_id)
                 continue
-            for out in outputs:
-                self._send(out.request_id, out)
+            if outputs:  # one wake-up of the event loop per step, not one per output (it then takes the GIL once)
+                loop.call_soon_threadsafe(self._deliver_all, outputs)
