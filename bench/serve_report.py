@@ -14,6 +14,10 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def _cpu(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _ratio(row: dict, ref: dict | None) -> str:
     return "-" if ref is None else f"{row['tok_s_median'] / ref['tok_s_median']:.2f}x"
 
@@ -29,15 +33,15 @@ def print_table(report: dict) -> None:
     print("Ratios of medians here; the targets below use the median of per-round (paired) ratios.\n")
     print(
         "| configuration | generated tok/s, median (min-max) | vs ours in process | vs vLLM, LoRA disabled "
-        "| p99 TPOT ms | p99 ITL ms | load avg (1 min) |"
+        "| p99 TPOT ms | p99 ITL ms | client CPU s per run | load avg (1 min) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     own, peer = configs.get(report["references"]["own"]), configs.get(report["references"]["peer"])
     for name, row in configs.items():
         print(
             f"| {name} | {row['tok_s_median']:.0f} ({row['tok_s_min']:.0f}-{row['tok_s_max']:.0f}) "
             f"| {_ratio(row, own)} | {_ratio(row, peer)} | {_ms(row['tpot_p99_ms'])} | {_ms(row['itl_p99_ms'])} "
-            f"| {row['loadavg_1min_median']:.2f} |"
+            f"| {_cpu(row.get('client_cpu_s_median'))} | {row['loadavg_1min_median']:.2f} |"
         )
     print("\n| target | measured | met |")
     print("|---|---|---|")

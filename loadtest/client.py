@@ -41,6 +41,7 @@ class RequestRecord:
     completion_tokens: int = 0
     num_chunks: int = 0
     itl_ms: list[float] = field(default_factory=list)
+    usage_tokens: int | None = None  # completion tokens as the usage chunk counts them
 
     @property
     def ok(self) -> bool:
@@ -120,16 +121,60 @@ def _chunk_text(chunk: dict, endpoint: Endpoint) -> str:
 _SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-async def event_lines(resp: httpx.Response) -> AsyncIterator[str]:
-    """The stream's lines as SSE ends them (CRLF, LF or CR). httpx's aiter_lines also breaks at NEL, U+2028 and the
-    like, which a server may send raw inside an event's JSON (JSON allows them there)."""
+async def sse_lines(texts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A stream's lines as SSE ends them (CRLF, LF or CR), from its decoded text in chunks of any size. (httpx's
+    aiter_lines also breaks at NEL, U+2028 and the like, which a server may send raw inside an event's JSON.)"""
     rest = ""
-    async for text in resp.aiter_text():
+    async for text in texts:
         *lines, rest = _SSE_LINE_END.split(rest + text)
         for line in lines:
             yield line
     if rest:
         yield rest
+
+
+def event_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """An httpx response's SSE lines (`sse_lines`)."""
+    return sse_lines(resp.aiter_text())
+
+
+async def read_events(rec: RequestRecord, lines: AsyncIterator[str], endpoint: Endpoint, t0: float) -> bool:
+    """Time a 200 stream's events into `rec` (chunks, TTFT, ITLs, usage, an error event); True when it ended with
+    [DONE]. Raises json.JSONDecodeError for an event that is not JSON."""
+    last: float | None = None
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return True
+        now = time.perf_counter() - t0
+        chunk = json.loads(data)
+        if "error" in chunk:
+            rec.error, rec.error_kind = f"stream error: {json.dumps(chunk['error'])[:500]}", STREAM_ERROR
+            continue
+        if any(c.get("finish_reason") == "error" for c in chunk.get("choices") or []):
+            rec.error, rec.error_kind = "a choice finished with finish_reason 'error'", STREAM_ERROR
+        if chunk.get("usage"):
+            rec.usage_tokens = chunk["usage"].get("completion_tokens")
+            rec.prompt_tokens = chunk["usage"].get("prompt_tokens")
+        if _chunk_text(chunk, endpoint):
+            rec.num_chunks += 1
+            if last is None:
+                rec.first_token_s = now
+            else:
+                rec.itl_ms.append((now - last) * 1e3)
+            last = now
+    return False
+
+
+def finish(rec: RequestRecord, done: bool, t0: float) -> RequestRecord:
+    """Close `rec` once its stream has ended (`done`: with [DONE])."""
+    rec.end_s = time.perf_counter() - t0
+    if rec.error is None and not done:
+        rec.error, rec.error_kind = "the stream ended without [DONE]", STREAM_ERROR
+    rec.completion_tokens = rec.usage_tokens if rec.usage_tokens is not None else rec.num_chunks
+    return rec
 
 
 async def send(
@@ -145,8 +190,6 @@ async def send(
     rec = RequestRecord(
         plan.index, plan.adapter, plan.prompt_len, plan.max_tokens, time.perf_counter() - t0, scheduled_s
     )
-    last: float | None = None
-    usage_tokens: int | None = None
     done = False
     try:
         async with client.stream("POST", path, json=body) as resp:
@@ -156,34 +199,7 @@ async def send(
                 rec.error, rec.error_kind = f"HTTP {resp.status_code}: {detail}", "http"
                 rec.end_s = time.perf_counter() - t0
                 return rec
-            async for line in event_lines(resp):
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                now = time.perf_counter() - t0
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    rec.error, rec.error_kind = f"stream error: {json.dumps(chunk['error'])[:500]}", STREAM_ERROR
-                    continue
-                if any(c.get("finish_reason") == "error" for c in chunk.get("choices") or []):
-                    rec.error, rec.error_kind = "a choice finished with finish_reason 'error'", STREAM_ERROR
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                    rec.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                if _chunk_text(chunk, endpoint):
-                    rec.num_chunks += 1
-                    if last is None:
-                        rec.first_token_s = now
-                    else:
-                        rec.itl_ms.append((now - last) * 1e3)
-                    last = now
+            done = await read_events(rec, event_lines(resp), endpoint, t0)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         rec.error, rec.error_kind = f"{type(exc).__name__}: {exc}"[:500], TRANSPORT_ERROR
-    rec.end_s = time.perf_counter() - t0
-    if rec.error is None and not done:
-        rec.error, rec.error_kind = "the stream ended without [DONE]", STREAM_ERROR
-    rec.completion_tokens = usage_tokens if usage_tokens is not None else rec.num_chunks
-    return rec
+    return finish(rec, done, t0)

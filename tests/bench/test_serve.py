@@ -46,7 +46,10 @@ def test_bench_serve_prints_the_table_and_writes_json_and_png(tiny_model_dir: Pa
 def test_serve_profile_attributes_the_engine_threads_time(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     cmd = [sys.executable, "-m", "switchboard.bench.serve_profile", "--model", str(tiny_model_dir), *SMALL_W]
-    cmd += ["--rounds", "3", "--rate", "200", "--no-torch", "--engine-process", "on", "--out", str(out)]
+    # 32 new tokens over 6 rounds: the engine busy for about a second, some 200 samples (with 4 tokens over 3 rounds
+    # the tiny model's runs took 0.1-0.4 s, mostly idle, and the forward or the adapter ops went unsampled at times)
+    cmd += ["--max-tokens", "32", "--rounds", "6", "--rate", "200", "--no-torch", "--engine-process", "on"]
+    cmd += ["--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     http = json.loads(out.read_text())["http"]
