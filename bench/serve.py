@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import platform
 import statistics
@@ -148,6 +149,7 @@ def _one_run(cfg: Config, prompts: list[list[int]], active: list) -> dict[str, o
 def run_bench_serve(args: argparse.Namespace, model_dir: Path) -> dict:
     from switchboard.serving.engine.llm_engine import load_tokenizer
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the servers' /health polls: one INFO line each
     workdir = args.out / "serve-work"
     tok = load_tokenizer(model_dir)
     ids, bos = stdlib_ids(tok), tok.bos_token_id
