@@ -6,7 +6,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -131,9 +136,116 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define SWITCHBOARD_DECODE_BF16_AVX512 1
+
+// bf16 x 16 -> float32 x 16 (bf16 is float32 cut short: shift into the top half).
+inline __m512 bf16x16_to_f32(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// A bf16 query against a bf16 cache, head size D (a multiple of 32), on AVX-512 BF16: what a bf16 model decodes with.
+// `decode` spends most of its time in one float32 dot product per (key row, query head), a chain of dependent FMAs
+// and a horizontal sum each. Here a score is two or four VDPBF16PS (pairs of bf16 multiplied exactly, summed in
+// float32) on the query and key as they are stored, and the scale is applied to the score (q * scale is not a bf16
+// value in general). The weighted sum of the values keeps up to 16 vectors of accumulators in registers for a group
+// of query heads over every row, instead of reloading and storing them per row. The same arithmetic as `decode` up to
+// the order of float32 additions.
+template <int64_t D>
+void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                 const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+  constexpr int64_t C = D / 32;   // vectors of 32 bf16 per head row
+  constexpr int64_t F = D / 16;   // vectors of 16 float32 per head row
+  constexpr int64_t GC = 16 / F;  // query heads whose value sums fit in 16 registers at once
+  const int64_t B = q.size(0), H = q.size(1), KV = k_cache.size(1), L = slots.size(1);
+  const int64_t G = H / KV, R = KV * D;
+  const int64_t q_sb = q.stride(0), q_sh = q.stride(1);
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const uint16_t* k = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  const int64_t* all_slots = slots.data_ptr<int64_t>();
+  const int64_t* lens = ctx_lens.data_ptr<int64_t>();
+  char* op = static_cast<char*>(out.data_ptr());
+  constexpr int64_t PF = 8;  // rows ahead: a row takes a few dozen cycles here, an L3 miss hundreds
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> scores(H * L), denom(H), acc(H * D);
+    std::vector<__m512bh> qv(H * C);
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
+        const int64_t n = lens[b];
+        const int64_t* sl = all_slots + b * L;
+        for (int64_t hq = 0; hq < H; ++hq)
+          for (int64_t c = 0; c < C; ++c)
+            qv[hq * C + c] = (__m512bh)_mm512_loadu_si512(qp + b * q_sb + hq * q_sh + c * 32);
+        for (int64_t l = 0; l < n; ++l) {
+          if (l + PF < n) prefetch_lines(k + sl[l + PF] * R, R * 2);
+          const uint16_t* kr = k + sl[l] * R;
+          for (int64_t h = 0; h < KV; ++h) {
+            __m512bh kv[C];
+            for (int64_t c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kr + h * D + c * 32);
+            for (int64_t hq = h * G; hq < (h + 1) * G; ++hq) {
+              __m512 s = _mm512_setzero_ps();
+              for (int64_t c = 0; c < C; ++c) s = _mm512_dpbf16_ps(s, qv[hq * C + c], kv[c]);
+              scores[hq * L + l] = _mm512_reduce_add_ps(s) * scale;
+            }
+          }
+        }
+        for (int64_t hq = 0; hq < H; ++hq) {  // softmax numerators, max-subtracted, and their sums (as `decode`)
+          float* s = scores.data() + hq * L;
+          float m = s[0];
+#pragma omp simd reduction(max : m)
+          for (int64_t l = 0; l < n; ++l) m = s[l] > m ? s[l] : m;
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t l = 0; l < n; ++l) {
+            s[l] = exp_f32(s[l] - m);
+            sum += s[l];
+          }
+          denom[hq] = sum;
+        }
+        for (int64_t h = 0; h < KV; ++h) {
+          for (int64_t h0 = h * G; h0 < (h + 1) * G; h0 += GC) {
+            const int64_t gn = std::min(GC, (h + 1) * G - h0);
+            __m512 a[GC][F];
+            for (int64_t g = 0; g < GC; ++g)
+              for (int64_t f = 0; f < F; ++f) a[g][f] = _mm512_setzero_ps();
+            for (int64_t l = 0; l < n; ++l) {
+              if (l + PF < n) prefetch_lines(v + sl[l + PF] * R + h * D, D * 2);
+              const uint16_t* vr = v + sl[l] * R + h * D;
+              __m512 vf[F];
+              for (int64_t f = 0; f < F; ++f) vf[f] = bf16x16_to_f32(vr + f * 16);
+              for (int64_t g = 0; g < gn; ++g) {
+                const __m512 p = _mm512_set1_ps(scores[(h0 + g) * L + l]);
+                for (int64_t f = 0; f < F; ++f) a[g][f] = _mm512_fmadd_ps(p, vf[f], a[g][f]);
+              }
+            }
+            for (int64_t g = 0; g < gn; ++g)
+              for (int64_t f = 0; f < F; ++f) _mm512_storeu_ps(acc.data() + (h0 + g) * D + f * 16, a[g][f]);
+          }
+        }
+        for (int64_t hq = 0; hq < H; ++hq)
+          store_out(acc.data() + hq * D, 1.0f / denom[hq], op + (b * H + hq) * D * 2, at::kBFloat16, D);
+      }
+    }
+  });
+}
+#endif
+
 template <typename KT>
 void decode_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                      const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+#ifdef SWITCHBOARD_DECODE_BF16_AVX512
+  if constexpr (std::is_same_v<KT, c10::BFloat16>) {
+    if (q.scalar_type() == at::kBFloat16 && q.stride(2) == 1) {
+      switch (q.size(2)) {
+        case 64: return decode_bf16<64>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+        case 128: return decode_bf16<128>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+        default: break;
+      }
+    }
+  }
+#endif
   switch (q.size(2)) {
     case 64: return decode<64, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
     case 128: return decode<128, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);

@@ -118,17 +118,29 @@ def test_compiled_head_dims(compiled, cache_dtype, D) -> None:
     check(compiled(*c.args()), dense_oracle(c), torch.float32, f"D={D}")
 
 
-def test_compiled_reads_strided_queries_and_long_contexts(compiled) -> None:
-    c = make_case(5, 8, 4, 64, torch.bfloat16, torch.float32, seed=7)
-    wide = torch.randn(5, 8, 128)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], **_ids)  # bf16: AVX-512 BF16's path, where built
+def test_compiled_reads_strided_queries_and_long_contexts(compiled, dtype) -> None:
+    c = make_case(5, 8, 4, 64, torch.bfloat16, dtype, seed=7)
+    wide = torch.randn(5, 8, 128, dtype=dtype)
     wide[..., 32:96] = c.q  # q as a non-contiguous view
     c.q = wide[..., 32:96]
-    check(compiled(*c.args()), dense_oracle(c), torch.float32, "strided q")
+    check(compiled(*c.args()), dense_oracle(c), dtype, "strided q")
     gen = torch.Generator().manual_seed(1)
-    k, v = torch.randn(2, 4096, 2, 64, generator=gen)
+    k, v = torch.randn(2, 4096, 2, 64, generator=gen).to(dtype)
     slots = torch.randperm(4096, generator=gen)[None, :3000]  # one sequence, 3000 positions, slots shuffled
-    long = Case(torch.randn(1, 4, 64, generator=gen), k, v, slots, torch.tensor([3000]), 0.125)
-    check(compiled(*long.args()), dense_oracle(long), torch.float32, "long context")
+    long = Case(torch.randn(1, 4, 64, generator=gen).to(dtype), k, v, slots, torch.tensor([3000]), 0.125)
+    check(compiled(*long.args()), dense_oracle(long), dtype, "long context")
+
+
+@pytest.mark.parametrize(("H", "KV"), [(9, 3), (10, 2), (16, 2)], ids=["gqa3", "gqa5", "gqa8"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_compiled_bf16_decode_groups_and_head_dims(compiled, H, KV, D) -> None:
+    """A bf16 model's decode: bf16 queries and cache, both specialised head sizes, and groups of query heads larger
+    than the value sums the AVX-512 BF16 path keeps in registers at once (4 heads at D=64, 2 at D=128)."""
+    c = make_case(17, H, KV, D, torch.bfloat16, torch.bfloat16, seed=H + D)
+    out = compiled(*c.args())
+    check(out, dense_oracle(c), torch.bfloat16, f"H={H} KV={KV} D={D}")
+    check(out, pa.paged_decode_attention_ref(*c.args()).double(), torch.bfloat16, "compiled vs reference")
 
 
 def test_compiled_rejects_bad_inputs(compiled) -> None:
