@@ -138,6 +138,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define SWITCHBOARD_DECODE_BF16_AVX512 1
+// gcc 12 warns inside its own AVX-512 intrinsics once inlined (their `_mm256_undefined_*` operands, GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // bf16 x 16 -> float32 x 16 (bf16 is float32 cut short: shift into the top half).
 inline __m512 bf16x16_to_f32(const uint16_t* p) {
@@ -170,14 +173,11 @@ void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
   std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> scores(H * L), denom(H), acc(H * D);
-    std::vector<__m512bh> qv(H * C);
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
         const int64_t n = lens[b];
         const int64_t* sl = all_slots + b * L;
-        for (int64_t hq = 0; hq < H; ++hq)
-          for (int64_t c = 0; c < C; ++c)
-            qv[hq * C + c] = (__m512bh)_mm512_loadu_si512(qp + b * q_sb + hq * q_sh + c * 32);
+        const uint16_t* qb = qp + b * q_sb;  // the query's rows stay in L1: loaded again for each key row
         for (int64_t l = 0; l < n; ++l) {
           if (l + PF < n) prefetch_lines(k + sl[l + PF] * R, R * 2);
           const uint16_t* kr = k + sl[l] * R;
@@ -186,7 +186,8 @@ void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
             for (int64_t c = 0; c < C; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kr + h * D + c * 32);
             for (int64_t hq = h * G; hq < (h + 1) * G; ++hq) {
               __m512 s = _mm512_setzero_ps();
-              for (int64_t c = 0; c < C; ++c) s = _mm512_dpbf16_ps(s, qv[hq * C + c], kv[c]);
+              for (int64_t c = 0; c < C; ++c)
+                s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(qb + hq * q_sh + c * 32), kv[c]);
               scores[hq * L + l] = _mm512_reduce_add_ps(s) * scale;
             }
           }
@@ -230,6 +231,7 @@ void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     }
   });
 }
+#pragma GCC diagnostic pop
 #endif
 
 template <typename KT>
