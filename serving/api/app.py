@@ -113,7 +113,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         # asyncio.to_thread's pool (adapter uploads): torch on one thread there, like the pools below (openmp.py)
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=openmp.serial_thread))
+        io_pool = ThreadPoolExecutor(thread_name_prefix="switchboard-io", initializer=openmp.serial_thread)
+        asyncio.get_running_loop().set_default_executor(io_pool)
         # What start-up allocated (the model, torch, transformers: some 450k objects) leaves the garbage collector's
         # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever
         # requests had allocated enough (a body of many items triggers one at once). vLLM freezes its heap likewise.
@@ -126,6 +127,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             engine.shutdown()
             parser.shutdown(wait=False)
             grammar_pool.shutdown(wait=False, cancel_futures=True)
+            io_pool.shutdown(wait=False)
             worker.shutdown()
 
     worker = RequestWorker()
