@@ -22,6 +22,7 @@ from switchboard.loadtest.client import (
     RequestRecord,
     finish,
     read_events,
+    refused,
     request_body,
     sse_lines,
 )
@@ -45,10 +46,7 @@ async def send(session: aiohttp.ClientSession, url: str, plan: PlannedRequest, t
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             rec.status = resp.status
             if resp.status != 200:
-                detail = (await resp.read()).decode(errors="replace")[:500]
-                rec.error, rec.error_kind = f"HTTP {resp.status}: {detail}", "http"
-                rec.end_s = time.perf_counter() - t0
-                return rec
+                return refused(rec, resp.status, await resp.read(), t0)
             done = await read_events(rec, sse_lines(_texts(resp.content)), Endpoint.COMPLETIONS, t0)
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         rec.error, rec.error_kind = f"{type(exc).__name__}: {exc}"[:500], TRANSPORT_ERROR

@@ -168,6 +168,13 @@ async def read_events(rec: RequestRecord, lines: AsyncIterator[str], endpoint: E
     return False
 
 
+def refused(rec: RequestRecord, status: int, body: bytes, t0: float) -> RequestRecord:
+    """Close `rec` for an answer other than 200 (`body`: what the server said)."""
+    rec.error, rec.error_kind = f"HTTP {status}: {body.decode(errors='replace')[:500]}", "http"
+    rec.end_s = time.perf_counter() - t0
+    return rec
+
+
 def finish(rec: RequestRecord, done: bool, t0: float) -> RequestRecord:
     """Close `rec` once its stream has ended (`done`: with [DONE])."""
     rec.end_s = time.perf_counter() - t0
@@ -195,10 +202,7 @@ async def send(
         async with client.stream("POST", path, json=body) as resp:
             rec.status = resp.status_code
             if resp.status_code != 200:
-                detail = (await resp.aread()).decode(errors="replace")[:500]
-                rec.error, rec.error_kind = f"HTTP {resp.status_code}: {detail}", "http"
-                rec.end_s = time.perf_counter() - t0
-                return rec
+                return refused(rec, resp.status_code, await resp.aread(), t0)
             done = await read_events(rec, event_lines(resp), endpoint, t0)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         rec.error, rec.error_kind = f"{type(exc).__name__}: {exc}"[:500], TRANSPORT_ERROR

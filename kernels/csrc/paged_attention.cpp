@@ -69,6 +69,24 @@ inline void store_out(const float* src, float scale, void* dst, at::ScalarType t
   }
 }
 
+// Each head's scores (rows of `scores`, L apart, the first n in use) become their softmax numerators, max-subtracted;
+// their sums go to `denom`.
+inline void softmax_rows(float* scores, float* denom, int64_t H, int64_t L, int64_t n) {
+  for (int64_t hq = 0; hq < H; ++hq) {
+    float* s = scores + hq * L;
+    float m = s[0];
+#pragma omp simd reduction(max : m)
+    for (int64_t l = 0; l < n; ++l) m = s[l] > m ? s[l] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < n; ++l) {
+      s[l] = exp_f32(s[l] - m);
+      sum += s[l];
+    }
+    denom[hq] = sum;
+  }
+}
+
 template <int64_t DC, typename KT>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
             const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
@@ -100,20 +118,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             for (int64_t hq = h * G; hq < (h + 1) * G; ++hq)
               scores[hq * L + l] = dot<DC>(qf.data() + hq * D, kr + h * D, D);
         }
-        // Softmax numerators, max-subtracted, and their sums.
-        for (int64_t hq = 0; hq < H; ++hq) {
-          float* s = scores.data() + hq * L;
-          float m = s[0];
-#pragma omp simd reduction(max : m)
-          for (int64_t l = 0; l < n; ++l) m = s[l] > m ? s[l] : m;
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t l = 0; l < n; ++l) {
-            s[l] = exp_f32(s[l] - m);
-            sum += s[l];
-          }
-          denom[hq] = sum;
-        }
+        softmax_rows(scores.data(), denom.data(), H, L, n);
         // Weighted sum of the value rows, each read once, in place.
         std::fill(acc.begin(), acc.end(), 0.0f);
         for (int64_t l = 0; l < n; ++l) {
@@ -192,19 +197,7 @@ void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
             }
           }
         }
-        for (int64_t hq = 0; hq < H; ++hq) {  // softmax numerators, max-subtracted, and their sums (as `decode`)
-          float* s = scores.data() + hq * L;
-          float m = s[0];
-#pragma omp simd reduction(max : m)
-          for (int64_t l = 0; l < n; ++l) m = s[l] > m ? s[l] : m;
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t l = 0; l < n; ++l) {
-            s[l] = exp_f32(s[l] - m);
-            sum += s[l];
-          }
-          denom[hq] = sum;
-        }
+        softmax_rows(scores.data(), denom.data(), H, L, n);
         for (int64_t h = 0; h < KV; ++h) {
           for (int64_t h0 = h * G; h0 < (h + 1) * G; h0 += GC) {
             const int64_t gn = std::min(GC, (h + 1) * G - h0);
