@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import sys
 from collections.abc import Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 OMP_PAUSE_SOFT = 1  # omp_pause_resource_kind: free the threads, keep the settings
 
