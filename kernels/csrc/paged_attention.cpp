@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -89,7 +90,7 @@ inline void softmax_rows(float* scores, float* denom, int64_t H, int64_t L, int6
 
 template <int64_t DC, typename KT>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-            const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+            const at::Tensor& ctx_lens, const int64_t* seq_of, float scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = DC > 0 ? DC : q.size(2), KV = k_cache.size(1), L = slots.size(1);
   const int64_t G = H / KV, R = KV * D, esize = q.element_size();  // R: one slot's row, all kv heads
   const int64_t q_sb = q.stride(0) * esize, q_sh = q.stride(1) * esize;
@@ -108,7 +109,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
         const int64_t n = lens[b];
-        const int64_t* sl = all_slots + b * L;
+        const int64_t* sl = all_slots + (seq_of != nullptr ? seq_of[b] : b) * L;
         for (int64_t hq = 0; hq < H; ++hq) load_q(qp + b * q_sb + hq * q_sh, qt, scale, qf.data() + hq * D, D);
         // Scores: each key row is read once, in place, for the G query heads that share it.
         for (int64_t l = 0; l < n; ++l) {
@@ -161,7 +162,7 @@ inline __m512 bf16x16_to_f32(const uint16_t* p) {
 // the order of float32 additions.
 template <int64_t D>
 void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                 const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+                 const at::Tensor& ctx_lens, const int64_t* seq_of, float scale, at::Tensor& out) {
   constexpr int64_t C = D / 32;   // vectors of 32 bf16 per head row
   constexpr int64_t F = D / 16;   // vectors of 16 float32 per head row
   constexpr int64_t GC = 16 / F;  // query heads whose value sums fit in 16 registers at once
@@ -181,7 +182,7 @@ void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     for (int64_t w = w0; w < w1; ++w) {
       for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) {
         const int64_t n = lens[b];
-        const int64_t* sl = all_slots + b * L;
+        const int64_t* sl = all_slots + (seq_of != nullptr ? seq_of[b] : b) * L;
         const uint16_t* qb = qp + b * q_sb;  // the query's rows stay in L1: loaded again for each key row
         for (int64_t l = 0; l < n; ++l) {
           if (l + PF < n) prefetch_lines(k + sl[l + PF] * R, R * 2);
@@ -229,33 +230,37 @@ void decode_bf16(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
 
 template <typename KT>
 void decode_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                     const at::Tensor& ctx_lens, float scale, at::Tensor& out) {
+                     const at::Tensor& ctx_lens, const int64_t* seq_of, float scale, at::Tensor& out) {
 #ifdef SWITCHBOARD_DECODE_BF16_AVX512
   if constexpr (std::is_same_v<KT, c10::BFloat16>) {
     if (q.scalar_type() == at::kBFloat16 && q.stride(2) == 1) {
       switch (q.size(2)) {
-        case 64: return decode_bf16<64>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
-        case 128: return decode_bf16<128>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+        case 64: return decode_bf16<64>(q, k_cache, v_cache, slots, ctx_lens, seq_of, scale, out);
+        case 128: return decode_bf16<128>(q, k_cache, v_cache, slots, ctx_lens, seq_of, scale, out);
         default: break;
       }
     }
   }
 #endif
   switch (q.size(2)) {
-    case 64: return decode<64, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
-    case 128: return decode<128, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
-    default: return decode<0, KT>(q, k_cache, v_cache, slots, ctx_lens, scale, out);
+    case 64: return decode<64, KT>(q, k_cache, v_cache, slots, ctx_lens, seq_of, scale, out);
+    case 128: return decode<128, KT>(q, k_cache, v_cache, slots, ctx_lens, seq_of, scale, out);
+    default: return decode<0, KT>(q, k_cache, v_cache, slots, ctx_lens, seq_of, scale, out);
   }
 }
 
 }  // namespace
 
-at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& slots, const at::Tensor& ctx_lens, double scale) {
+namespace {
+
+// Each query b attends to the first ctx_lens[b] slots of its row of `slots`: row b for a decode (one query per
+// sequence), row seq_of[b] for a prefill's queries (several per sequence, each its own causal length).
+at::Tensor attend(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                  const at::Tensor& ctx_lens, const at::Tensor* seq_of, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3, "q must be [B, H, D] and the caches [num_slots, KV, D]");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
                   slots.device().is_cpu() && ctx_lens.device().is_cpu(),
-              "the compiled paged_decode_attention runs on CPU tensors only");
+              "the compiled paged attention runs on CPU tensors only");
   const at::ScalarType qt = q.scalar_type(), kt = k_cache.scalar_type();
   TORCH_CHECK(switchboard::is_kernel_dtype(qt), "q: float32, bfloat16 or float16");
   TORCH_CHECK(switchboard::is_kernel_dtype(kt), "cache: float32, bfloat16 or float16");
@@ -263,9 +268,10 @@ at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const
                   v_cache.is_contiguous(),
               "k_cache and v_cache: same shape and dtype, contiguous");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k_cache.size(1), num_slots = k_cache.size(0);
+  const int64_t rows = seq_of != nullptr ? slots.size(0) : B;
   TORCH_CHECK(k_cache.size(2) == D && KV > 0 && H % KV == 0, "head_dim differs, or H is not a multiple of KV");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == B && slots.scalar_type() == at::kLong && slots.is_contiguous(),
-              "slots must be a contiguous int64 [B, L]");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == rows && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "slots must be a contiguous int64 [rows, L]");
   TORCH_CHECK(
       ctx_lens.dim() == 1 && ctx_lens.size(0) == B && ctx_lens.scalar_type() == at::kLong && ctx_lens.is_contiguous(),
       "ctx_lens must be a contiguous int64 [B]");
@@ -273,19 +279,47 @@ at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const
   const int64_t L = slots.size(1);
   const int64_t* sl = slots.data_ptr<int64_t>();
   const int64_t* lens = ctx_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {  // checked before any thread reads the cache
-    TORCH_CHECK(lens[b] >= 1 && lens[b] <= L, "ctx_lens[", b, "] = ", lens[b], " is outside [1, ", L, "]");
-    for (int64_t l = 0; l < lens[b]; ++l)
-      TORCH_CHECK(sl[b * L + l] >= 0 && sl[b * L + l] < num_slots, "slots[", b, ", ", l, "] is out of range");
+  const int64_t* of = nullptr;
+  if (seq_of != nullptr) {
+    TORCH_CHECK(seq_of->dim() == 1 && seq_of->size(0) == B && seq_of->scalar_type() == at::kLong &&
+                    seq_of->is_contiguous() && seq_of->device().is_cpu(),
+                "seq_of must be a contiguous int64 [B] on the CPU");
+    of = seq_of->data_ptr<int64_t>();
   }
+  // Checked before any thread reads the cache: each row's slots up to the longest context that reads it.
+  std::vector<int64_t> used(rows, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= L, "ctx_lens[", b, "] = ", lens[b], " is outside [1, ", L, "]");
+    const int64_t r = of != nullptr ? of[b] : b;
+    TORCH_CHECK(r >= 0 && r < rows, "seq_of[", b, "] = ", r, " is not a row of slots");
+    used[r] = std::max(used[r], lens[b]);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t l = 0; l < used[r]; ++l)
+      TORCH_CHECK(sl[r * L + l] >= 0 && sl[r * L + l] < num_slots, "slots[", r, ", ", l, "] is out of range");
   at::Tensor out = at::empty({B, H, D}, q.options());
   const float s = static_cast<float>(scale);
   switch (kt) {
-    case at::kBFloat16: decode_head_dim<c10::BFloat16>(q, k_cache, v_cache, slots, ctx_lens, s, out); break;
-    case at::kHalf: decode_head_dim<c10::Half>(q, k_cache, v_cache, slots, ctx_lens, s, out); break;
-    default: decode_head_dim<float>(q, k_cache, v_cache, slots, ctx_lens, s, out);
+    case at::kBFloat16: decode_head_dim<c10::BFloat16>(q, k_cache, v_cache, slots, ctx_lens, of, s, out); break;
+    case at::kHalf: decode_head_dim<c10::Half>(q, k_cache, v_cache, slots, ctx_lens, of, s, out); break;
+    default: decode_head_dim<float>(q, k_cache, v_cache, slots, ctx_lens, of, s, out);
   }
   return out;
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& slots, const at::Tensor& ctx_lens, double scale) {
+  return attend(std::move(q), k_cache, v_cache, slots, ctx_lens, nullptr, scale);
+}
+
+// A prefill chunk's queries, each attending to its sequence's cache up to its own position (causal): the decode
+// kernel, with one query per row of q and its sequence's row of `slots` (seq_of).
+at::Tensor paged_prefill_attention(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                   const at::Tensor& slots, const at::Tensor& ctx_lens, const at::Tensor& seq_of,
+                                   double scale) {
+  return attend(std::move(q), k_cache, v_cache, slots, ctx_lens, &seq_of, scale);
 }
 
 TORCH_LIBRARY_FRAGMENT(switchboard, m) {
@@ -293,4 +327,8 @@ TORCH_LIBRARY_FRAGMENT(switchboard, m) {
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor ctx_lens, "
       "float scale) -> Tensor",
       &paged_decode_attention);
+  m.def(
+      "paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor ctx_lens, "
+      "Tensor seq_of, float scale) -> Tensor",
+      &paged_prefill_attention);
 }

@@ -4,8 +4,10 @@ The cache is a pool of fixed-size blocks; a sequence's keys and values live in t
 Each step's tokens are flattened into one batch ordered decodes first (one token per sequence), then prefill
 chunks. On the CPU, decodes attend with the compiled kernel of `switchboard.kernels.paged_attention`, which reads
 their context in place; elsewhere (or where it cannot be built) in one batched SDPA call over their gathered
-context. Prefill chunks attend in a second SDPA call, padded to the longest chunk. Everything index-shaped is built
-once per step (`AttentionMetadata`) and shared by all layers.
+context. Prefill chunks attend in a second SDPA call, padded to the longest chunk; on the CPU a 16-bit model's
+prefill goes to the same kernel, one query at a time (each to its own causal length), faster there than gathering
+the context and running SDPA in float32. float32 models keep SDPA: theirs is the path compared with transformers and
+PEFT. Everything index-shaped is built once per step (`AttentionMetadata`) and shared by all layers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from switchboard.kernels.paged_attention import compiled_paged_attention_available, paged_decode_attention
+from switchboard.kernels.paged_attention import (
+    compiled_paged_attention_available,
+    paged_decode_attention,
+    paged_prefill_attention,
+)
 
 
 class KVCache:
@@ -58,6 +64,8 @@ class AttentionGroup:
     ctx_lens:  [B] context length of each sequence (its queries included)
     mask:      [B, 1, Q, L] True where a query may attend
     out_index: [n] flat indices into [B * Q] of the real (unpadded) queries, in token order
+    token_ctx: [n] each real query's context length (its cache position + 1), in token order
+    token_seq: [n] each real query's sequence (row of kv_slots), in token order
     """
 
     start: int  # first token of the group in the flattened batch
@@ -67,6 +75,8 @@ class AttentionGroup:
     ctx_lens: torch.Tensor
     mask: torch.Tensor
     out_index: torch.Tensor | None  # None when there is no padding (decode: Q == 1)
+    token_ctx: torch.Tensor | None = None  # None for decodes (ctx_lens is theirs)
+    token_seq: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +112,10 @@ def build_group(
     first = torch.tensor([0, *q_lens[:-1]]).cumsum(0)
     q_index = torch.where(q_valid, first[:, None] + qi[None, :], torch.zeros_like(q_pos))
     out_index = None if q_max == 1 else torch.nonzero(q_valid.flatten(), as_tuple=True)[0]
+    token_ctx = token_seq = None
+    if q_max > 1:
+        token_ctx = (q_pos + 1)[q_valid].to(device)
+        token_seq = torch.arange(len(q_lens))[:, None].expand_as(q_pos)[q_valid].to(device)
     return AttentionGroup(
         start=start,
         num_tokens=sum(q_lens),
@@ -110,6 +124,8 @@ def build_group(
         ctx_lens=ctx_t.to(device),
         mask=mask[:, None].to(device),
         out_index=None if out_index is None else out_index.to(device),
+        token_ctx=token_ctx,
+        token_seq=token_seq,
     )
 
 
@@ -135,6 +151,13 @@ def paged_attention(
             q_d = q[g.start : g.start + g.num_tokens]  # [B, H, D]
             out[g.start : g.start + g.num_tokens] = paged_decode_attention(
                 q_d, cache[0], cache[1], g.kv_slots, g.ctx_lens, scale
+            )
+            continue
+        if g.token_ctx is not None and q.dtype != torch.float32 and _decodes_in_place(cache.device):
+            # A 16-bit model's prefill on the CPU: each query in the kernel, up to its own position.
+            assert g.token_seq is not None
+            out[g.start : g.start + g.num_tokens] = paged_prefill_attention(
+                q[g.start : g.start + g.num_tokens], cache[0], cache[1], g.kv_slots, g.token_ctx, g.token_seq, scale
             )
             continue
         q_g = q[g.start : g.start + g.num_tokens][g.q_index]  # [B, Q, H, D]

@@ -167,3 +167,42 @@ def test_failed_build_warns_once_and_falls_back_to_the_reference(tmp_path, caplo
     assert pa._implementation.__wrapped__() is pa.paged_decode_attention_ref
     assert not pa.compiled_paged_attention_available()
     assert pa.compiled_paged_attention_unavailable_reason() == reason
+
+
+def _prefill_case(dtype: torch.dtype, D: int, seed: int) -> tuple[Case, Tensor]:
+    """Three sequences sharing a cache, each with its queries at the end of its context (one with earlier context, as
+    a later prefill chunk has), flattened as a prefill group is: (decode-shaped case, seq_of)."""
+    gen = torch.Generator().manual_seed(seed)
+    H, KV, ctxs, q_lens = 6, 2, [40, 7, 23], [12, 7, 1]
+    L = max(ctxs)
+    k, v = (torch.randn(128, KV, D, generator=gen).to(dtype) for _ in range(2))
+    slots = torch.stack([torch.randperm(127, generator=gen)[:L] for _ in ctxs])
+    seq_of = torch.cat([torch.full((n,), i) for i, n in enumerate(q_lens)])
+    ctx = torch.cat([torch.arange(c - n, c) + 1 for c, n in zip(ctxs, q_lens, strict=True)])  # causal: position + 1
+    q = torch.randn(len(seq_of), H, D, generator=gen).to(dtype)
+    return Case(q, k, v, slots, ctx, D**-0.5), seq_of
+
+
+@pytest.mark.parametrize("D", [16, 64, 128])  # generic, and both specialised sizes (AVX-512 BF16's path in bf16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], **_ids)
+def test_compiled_prefill_matches_the_decode_reference_on_each_querys_rows(compiled, dtype, D) -> None:
+    """paged_prefill_attention is paged_decode_attention with each query's sequence row of `slots` (seq_of) and its
+    own causal context length."""
+    c, seq_of = _prefill_case(dtype, D, seed=D)
+    out = pa.paged_prefill_attention(c.q, c.k_cache, c.v_cache, c.slots, c.ctx_lens, seq_of, c.scale)
+    gathered = Case(c.q, c.k_cache, c.v_cache, c.slots[seq_of].contiguous(), c.ctx_lens, c.scale)
+    check(out, dense_oracle(gathered), dtype, "prefill vs oracle")
+    check(out, pa.paged_decode_attention_ref(*gathered.args()).double(), dtype, "prefill vs reference")
+
+
+def test_compiled_prefill_rejects_bad_rows(compiled) -> None:
+    c, seq_of = _prefill_case(torch.float32, 16, seed=3)
+    args = (c.q, c.k_cache, c.v_cache, c.slots, c.ctx_lens)
+    with pytest.raises(RuntimeError, match="not a row of slots"):
+        pa.paged_prefill_attention(*args, torch.full_like(seq_of, 3), c.scale)
+    with pytest.raises(RuntimeError, match="seq_of must be"):
+        pa.paged_prefill_attention(*args, seq_of[:-1], c.scale)
+    bad = c.slots.clone()
+    bad[0, 39] = 10_000  # read by the first sequence's last query only
+    with pytest.raises(RuntimeError, match=r"slots\[0, 39\] is out of range"):
+        pa.paged_prefill_attention(c.q, c.k_cache, c.v_cache, bad, c.ctx_lens, seq_of, c.scale)
