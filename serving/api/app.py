@@ -14,7 +14,6 @@ import gc
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, Protocol
 
@@ -113,7 +112,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         # asyncio.to_thread's pool (adapter uploads): torch on one thread there, like the pools below (openmp.py)
-        io_pool = ThreadPoolExecutor(thread_name_prefix="switchboard-io", initializer=openmp.serial_thread)
+        io_pool = openmp.serial_pool("switchboard-io", max_workers=None)
         asyncio.get_running_loop().set_default_executor(io_pool)
         # What start-up allocated (the model, torch, transformers: some 450k objects) leaves the garbage collector's
         # view: a full collection walked it all, holding the GIL for tenths of a second on the demo model, whenever
@@ -153,10 +152,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     metrics.watch_adapters(engine.adapter_stats, host if engine.host_tier is None else engine.host_tier, store)
     # One parsing thread: parses are short (2 ms alone) and rare next to steps; asyncio's default pool ran several at
     # once against the step thread for the GIL and the two cores (median parse 17 ms under load, 5 ms with one).
-    parser = ThreadPoolExecutor(1, "switchboard-parse", openmp.serial_thread)
+    parser = openmp.serial_pool("switchboard-parse")
     # Structured output's grammars compile here (milliseconds to a second; cached by spec), off the event loop and
     # out of the request worker's lanes, so that a big schema never holds up other requests' tokenization.
-    grammar_pool = ThreadPoolExecutor(1, "switchboard-grammar", openmp.serial_thread)
+    grammar_pool = openmp.serial_pool("switchboard-grammar")
     app.state.adapters = registry
     app.include_router(adapter_router(registry, authenticate, config.max_adapter_bytes, app.router.route_class))
 

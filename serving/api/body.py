@@ -22,7 +22,6 @@ import asyncio
 import email.message
 import functools
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from fastapi import Request, Response
@@ -72,8 +71,8 @@ class RequestWorker:
     """
 
     def __init__(self) -> None:
-        self._small = ThreadPoolExecutor(1, "switchboard-request", openmp.serial_thread)
-        self._large = ThreadPoolExecutor(1, "switchboard-large-request", openmp.serial_thread)
+        self._small = openmp.serial_pool("switchboard-request")
+        self._large = openmp.serial_pool("switchboard-large-request")
         self._parser = ParseProcess()
 
     async def run(self, body_bytes: int, fn: Callable[..., T], *args: Any) -> T:

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +104,7 @@ class EngineCore:
         self.engine = LLMEngine(config, detokenize=False)
         self._load_seconds: deque[float] = deque()  # parse times not yet reported (appended by the parse thread)
         self.host = HostCache(config.max_host_adapters, on_load=self._load_seconds.append)
-        self._parser = ThreadPoolExecutor(1, "core-parse", openmp.serial_thread)
+        self._parser = openmp.serial_pool("core-parse")
         self._parsing: dict[str, _Parsing] = {}  # request id -> its ADD, waiting for the adapter
         self._adds_applied = 0
         self._last_snapshot = 0.0

@@ -20,6 +20,7 @@ import ctypes
 import functools
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -66,6 +67,11 @@ def release_pool() -> bool:
     if lib is None:
         return False
     return lib.omp_pause_resource_all(OMP_PAUSE_SOFT) == 0
+
+
+def serial_pool(thread_name_prefix: str, max_workers: int | None = 1) -> ThreadPoolExecutor:
+    """A thread pool for work beside the step thread: each of its threads runs torch alone (`serial_thread`)."""
+    return ThreadPoolExecutor(max_workers, thread_name_prefix, serial_thread)
 
 
 def serial_thread() -> None:
