@@ -1,9 +1,14 @@
-"""bf16 base weights packed once into oneDNN's blocked layout, for CPU products that do not re-pack every call.
+"""bf16 base weights packed once, for CPU products that do not re-pack every call.
 
 `F.linear` on bf16 CPU tensors runs oneDNN's matmul, which reorders the plain [out, in] weight into its blocked
-layout on every call: at decode sizes (32 rows) the reorder costs about as much as the product. Packing once
-(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU weight freezing does) and multiplying with
-`_linear_pointwise` gives bit-identical results (the same oneDNN kernel runs, minus the reorder).
+layout on every call: at decode sizes (32 rows) the reorder costs about as much as the product. Two packed products
+remove it:
+- `CompiledLinear`, on a CPU with AVX-512 BF16: our own kernel (switchboard.kernels.cpu_linear) over its own packed
+  copy, faster than oneDNN's product at every row count a step has. It sums in another order than oneDNN, so an
+  output can differ from F.linear's by one bf16 step.
+- `PackedLinear` elsewhere: oneDNN's blocked copy (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's CPU
+  weight freezing does) multiplied with `_linear_pointwise`: bit-identical to F.linear (the same oneDNN kernel runs,
+  minus the reorder).
 
 Applied from outside the model, like quant.py: `prepack_bf16(model)` sets each dense AdapterLinear's base product,
 and the model's logits product, to one reading a packed copy. The packed copy is a snapshot: weights must not change
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from switchboard.kernels import cpu_linear
 
 from .linear import AdapterLinear
 from .llama import LlamaModel
@@ -39,16 +46,38 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, bias, "none", [], "")
 
 
-def prepack_bf16(model: LlamaModel, batch_hint: int) -> int:
+class CompiledLinear(nn.Module):
+    """`F.linear(x, weight, bias)` on the AVX-512 BF16 kernel over a copy packed once; the weight argument unused."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features = weight.shape[0]
+        # A flat buffer in the kernel's tile layout, not a Parameter: state_dict and weight_bytes see the dense weight.
+        self.packed = cpu_linear.pack(weight.detach())
+
+    def forward(self, x: torch.Tensor, _weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        # x: [T, in] -> [T, out]
+        return cpu_linear.linear(x if x.stride(-1) == 1 else x.contiguous(), self.packed, bias, self.out_features)
+
+
+def packed_product(weight: torch.Tensor, batch_hint: int, compiled: bool = True) -> nn.Module:
+    """The fastest packed product for this bf16 weight here: `CompiledLinear` where the kernel runs and takes the
+    shape (and `compiled`), else oneDNN's `PackedLinear` (`batch_hint`: the usual row count, which it tunes for)."""
+    if compiled and cpu_linear.shape_supported(*weight.shape) and cpu_linear.compiled_linear_available():
+        return CompiledLinear(weight)
+    return PackedLinear(weight, batch_hint)
+
+
+def prepack_bf16(model: LlamaModel, batch_hint: int, compiled: bool = True) -> int:
     """Pack every dense bf16 AdapterLinear (NF4 ones keep their own product) and the logits weight; returns how many
-    products were packed. `batch_hint`: the usual number of rows (decode batch size), which oneDNN tunes for."""
+    products were packed. `compiled=False` keeps oneDNN's product everywhere (bit-identical to F.linear)."""
     count = 0
     for module in list(model.modules()):
         if isinstance(module, AdapterLinear) and module.weight is not None and module.weight.dtype == torch.bfloat16:
-            module.base_matmul = PackedLinear(module.weight, batch_hint)
+            module.base_matmul = packed_product(module.weight, batch_hint, compiled)
             count += 1
     weight = model.logits_weight()
     if weight.dtype == torch.bfloat16:
-        model.logits_matmul = PackedLinear(weight, batch_hint)
+        model.logits_matmul = packed_product(weight, batch_hint, compiled)
         count += 1
     return count

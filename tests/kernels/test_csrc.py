@@ -22,7 +22,7 @@ CPP_LINE = re.compile(r"^\s*(#include\s*[<\"]|TORCH_LIBRARY\w*\()", re.MULTILINE
 
 
 def test_the_sources_are_there_and_read_as_package_data() -> None:
-    assert [p.stem for p in SOURCES] == ["cpu_adapters", "cpu_step", "paged_attention"]
+    assert [p.stem for p in SOURCES] == ["cpu_adapters", "cpu_linear", "cpu_step", "paged_attention"]
     for path in SOURCES:
         assert cpp_build.read_source(path.stem) == path.read_text()
     assert cpp_build.shared_headers() == {p.name: p.read_text() for p in CSRC.glob("*.h")}

@@ -1,6 +1,7 @@
-"""bf16 weights packed once (serving/models/prepack.py) give exactly the products F.linear gives: every shape of
-the model's linears and its logits, decode and prefill row counts, a bias, an empty batch; and an engine's greedy
-tokens are the same with and without packing."""
+"""bf16 weights packed once (serving/models/prepack.py). oneDNN's packed product gives exactly the products F.linear
+gives: every shape of the model's linears and its logits, decode and prefill row counts, a bias, an empty batch; an
+engine's greedy tokens are the same with and without it. The engine packs for the AVX-512 BF16 kernel where it runs
+(its products are tested in tests/kernels/test_cpu_linear.py): its logits are as close to float32's as F.linear's."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from switchboard.kernels import cpu_linear
 from switchboard.serving.config import ServeConfig
 from switchboard.serving.engine.llm_engine import LLMEngine
 from switchboard.serving.engine.request import SamplingParams
 from switchboard.serving.models.linear import AdapterLinear
-from switchboard.serving.models.prepack import PackedLinear, prepack_available
+from switchboard.serving.models.prepack import CompiledLinear, PackedLinear, prepack_available, prepack_bf16
 
 pytestmark = pytest.mark.skipif(
     not prepack_available(torch.bfloat16, torch.device("cpu")), reason="torch was built without oneDNN"
@@ -50,7 +52,10 @@ def _unpack(engine: LLMEngine) -> None:
 
 
 def test_engine_packs_bf16_and_keeps_its_tokens(tiny_model_dir: Path) -> None:
+    """oneDNN's packed products (what the engine packs where the compiled kernel cannot run) change no token."""
     engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", kv_cache_gb=0.05))
+    _unpack(engine)
+    prepack_bf16(engine.model, batch_hint=32, compiled=False)
     linears = engine.model.linears()
     assert all(isinstance(lin.base_matmul, PackedLinear) for lin in linears)
     assert isinstance(engine.model.logits_matmul, PackedLinear)
@@ -62,6 +67,25 @@ def test_engine_packs_bf16_and_keeps_its_tokens(tiny_model_dir: Path) -> None:
     _unpack(engine)
     assert engine.generate(prompts, params) == packed
     assert torch.equal(engine.prompt_logits(prompts[2]), packed_logits)
+
+
+@pytest.mark.skipif(
+    not cpu_linear.compiled_linear_available(), reason=f"{cpu_linear.compiled_linear_unavailable_reason()}"
+)
+def test_engine_packs_for_the_compiled_kernel(tiny_model_dir: Path) -> None:
+    """Where the AVX-512 BF16 kernel runs, every product is its; the logits stay as close to float32's as F.linear's
+    (the sums' order differs, so bit-identity is not the bar)."""
+    engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", kv_cache_gb=0.05))
+    assert all(isinstance(lin.base_matmul, CompiledLinear) for lin in engine.model.linears())
+    assert isinstance(engine.model.logits_matmul, CompiledLinear)
+    reference = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="float32", device="cpu", kv_cache_gb=0.05))
+    prompt = [1, *range(7, 40)]
+    exact = reference.prompt_logits(prompt)
+    compiled = engine.prompt_logits(prompt)
+    _unpack(engine)
+    plain = engine.prompt_logits(prompt)
+    err_compiled, err_plain = (compiled - exact).abs().max().item(), (plain - exact).abs().max().item()
+    assert err_compiled <= 1.5 * err_plain, (err_compiled, err_plain)
 
 
 def test_float32_engine_is_not_packed(tiny_model_dir: Path) -> None:

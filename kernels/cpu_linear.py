@@ -1,0 +1,61 @@
+"""The base product of a bf16 model on an AVX-512 BF16 CPU: `y = x W^T (+ b)` over a weight packed once.
+
+oneDNN's bf16 product (what `F.linear` and the pre-packed `mkldnn._linear_pointwise` run) reaches 300-410 GFLOP/s at
+a decode step's 32 rows on the two Zen 4 cores we measure on, and 220-320 with the weights streamed from memory, as
+they are in a step (a 135M-parameter model's 270 MB never fit the caches). This one reaches 430-450 hot and 360-410
+streamed on the same shapes (`python -m switchboard.bench.prepack --products`), and wins from 1 row to a few hundred;
+decode steps are most of a serving run's products, so a step's products take about a sixth less time.
+
+How: the weight is packed once into tiles of 48 output columns, each pair of input columns' weights side by side
+(`pack`), so that one VDPBF16PS multiplies a broadcast pair of x's values by 16 columns' pairs, exactly, summing in
+float32. A block of 8 rows by 48 columns keeps its 24 accumulators in registers over all of K; the weight is one
+forward stream per tile, read once from memory per 256 rows of x, and the next tile is prefetched while one computes.
+Threads split the tiles.
+
+What it computes: each output is the float32 sum of x's row times W's row (+ bias), rounded to bf16 to nearest even,
+as torch's bf16 product does; only the order of the float32 sums differs from oneDNN's (so an output can differ by
+one bf16 step, and greedy text on a near-tie can flip, as with any other kernel). VDPBF16PS treats subnormal inputs
+as zero. tests/kernels/test_cpu_linear.py compares it with the float32 product.
+
+Built with the other CPU kernels (`cpp_build`, -march=native); `compiled_linear_available()` is False where the
+build fails or the CPU lacks AVX-512 BF16, and serving/models/prepack.py keeps oneDNN there. A weight's shape must
+have a multiple of 16 rows and an even number of columns (`shape_supported`): every Llama-family model's does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .cpp_build import build_ops, read_source
+
+
+def shape_supported(out_features: int, in_features: int) -> bool:
+    return out_features > 0 and out_features % 16 == 0 and in_features > 0 and in_features % 2 == 0
+
+
+def pack(weight: Tensor) -> Tensor:
+    """weight [N, K] bf16 -> the packed copy `linear` reads (flat, N * K values)."""
+    return torch.ops.switchboard.pack_bf16_linear(weight)
+
+
+def linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """x [M, K] bf16 (rows contiguous) times the packed weight, + bias [N] bf16 -> [M, N] bf16."""
+    return torch.ops.switchboard.bf16_linear(x, packed, bias, out_features)
+
+
+def compiled_linear_available() -> bool:
+    """Whether the kernel is built here and the CPU runs it (compiles it on the first call, a few seconds)."""
+    return compiled_linear_unavailable_reason() is None
+
+
+@functools.cache
+def compiled_linear_unavailable_reason() -> str | None:
+    reason = build_ops("cpu_linear", read_source("cpu_linear"))
+    if reason is not None:
+        return reason
+    if not torch.ops.switchboard.bf16_linear_supported():
+        return "this CPU (or compiler) has no AVX-512 BF16"
+    return None
