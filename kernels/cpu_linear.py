@@ -51,11 +51,15 @@ def compiled_linear_available() -> bool:
     return compiled_linear_unavailable_reason() is None
 
 
-@functools.cache
 def compiled_linear_unavailable_reason() -> str | None:
-    reason = build_ops("cpu_linear", read_source("cpu_linear"))
-    if reason is not None:
-        return reason
-    if not torch.ops.switchboard.bf16_linear_supported():
-        return "this CPU (or compiler) has no AVX-512 BF16"
-    return None
+    """None when the kernel runs here, else why not: the build's failure, or a CPU without AVX-512 BF16."""
+    reason = compiled_linear_build_failure()
+    if reason is None and not torch.ops.switchboard.bf16_linear_supported():
+        return "this CPU (or compiler) has no AVX-512 BF16; oneDNN's product runs instead"
+    return reason
+
+
+@functools.cache
+def compiled_linear_build_failure() -> str | None:
+    """None once the library is built and loaded (it builds on every CPU; only AVX-512 BF16 ones run the product)."""
+    return build_ops("cpu_linear", read_source("cpu_linear"))

@@ -177,11 +177,15 @@ def _add_build_kernels(sub: argparse._SubParsersAction) -> None:
 def run_build_kernels() -> int:
     """Build every C++ op library; 1 when one cannot be built (a server would run the torch path instead)."""
     from switchboard.kernels.cpu_adapters import compiled_adapters_unavailable_reason
+    from switchboard.kernels.cpu_linear import compiled_linear_build_failure
+    from switchboard.kernels.cpu_step import compiled_step_unavailable_reason
     from switchboard.kernels.paged_attention import compiled_paged_attention_unavailable_reason
 
     reasons = {
         "cpu_adapters": compiled_adapters_unavailable_reason(),
         "paged_attention": compiled_paged_attention_unavailable_reason(),
+        "cpu_step": compiled_step_unavailable_reason(),
+        "cpu_linear": compiled_linear_build_failure(),  # built everywhere; it runs where the CPU has AVX-512 BF16
     }
     for name, reason in reasons.items():
         print(f"{name}: {'ready' if reason is None else 'NOT BUILT, the torch path runs instead: ' + reason}")

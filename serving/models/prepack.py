@@ -17,6 +17,8 @@ afterwards (the engine merges `--merge-adapter` first).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -24,6 +26,8 @@ from switchboard.kernels import cpu_linear
 
 from .linear import AdapterLinear
 from .llama import LlamaModel
+
+logger = logging.getLogger(__name__)
 
 
 def prepack_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -71,13 +75,15 @@ def packed_product(weight: torch.Tensor, batch_hint: int, compiled: bool = True)
 def prepack_bf16(model: LlamaModel, batch_hint: int, compiled: bool = True) -> int:
     """Pack every dense bf16 AdapterLinear (NF4 ones keep their own product) and the logits weight; returns how many
     products were packed. `compiled=False` keeps oneDNN's product everywhere (bit-identical to F.linear)."""
-    count = 0
+    products: list[nn.Module] = []
     for module in list(model.modules()):
         if isinstance(module, AdapterLinear) and module.weight is not None and module.weight.dtype == torch.bfloat16:
             module.base_matmul = packed_product(module.weight, batch_hint, compiled)
-            count += 1
+            products.append(module.base_matmul)
     weight = model.logits_weight()
     if weight.dtype == torch.bfloat16:
         model.logits_matmul = packed_product(weight, batch_hint, compiled)
-        count += 1
-    return count
+        products.append(model.logits_matmul)
+    ours = sum(isinstance(p, CompiledLinear) for p in products)
+    logger.info("bf16 products packed once: %d for the AVX-512 BF16 kernel, %d for oneDNN", ours, len(products) - ours)
+    return len(products)
