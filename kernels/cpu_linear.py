@@ -1,10 +1,10 @@
 """The base product of a bf16 model on an AVX-512 BF16 CPU: `y = x W^T (+ b)` over a weight packed once.
 
-oneDNN's bf16 product (what `F.linear` and the pre-packed `mkldnn._linear_pointwise` run) reaches 300-410 GFLOP/s at
-a decode step's 32 rows on the two Zen 4 cores we measure on, and 220-320 with the weights streamed from memory, as
-they are in a step (a 135M-parameter model's 270 MB never fit the caches). This one reaches 430-450 hot and 360-410
-streamed on the same shapes (`python -m switchboard.bench.prepack --products`), and wins from 1 row to a few hundred;
-decode steps are most of a serving run's products, so a step's products take about a sixth less time.
+oneDNN's bf16 product (what `F.linear` and the pre-packed `mkldnn._linear_pointwise` run) reaches 220-350 GFLOP/s
+on the real model's shapes at a decode step's 32 rows on the two Zen 4 cores we measure on, with the weights streamed
+from memory as they are in a step (a 135M-parameter model's 270 MB never fit the caches); this one reaches 310-400,
+1.14-1.41x faster per shape (`python -m switchboard.bench.prepack --products`; the cores' bf16 peak is about 450).
+Decode steps are most of a serving run's products: in the engine, W runs 1.10x faster than on oneDNN packed once.
 
 How: the weight is packed once into tiles of 48 output columns, each pair of input columns' weights side by side
 (`pack`), so that one VDPBF16PS multiplies a broadcast pair of x's values by 16 columns' pairs, exactly, summing in
