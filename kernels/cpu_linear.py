@@ -14,8 +14,9 @@ Threads split the tiles.
 
 What it computes: each output is the float32 sum of x's row times W's row (+ bias), rounded to bf16 to nearest even,
 as torch's bf16 product does; only the order of the float32 sums differs from oneDNN's (so an output can differ by
-one bf16 step, and greedy text on a near-tie can flip, as with any other kernel). VDPBF16PS treats subnormal inputs
-as zero. tests/kernels/test_cpu_linear.py compares it with the float32 product.
+one bf16 step, and greedy text on a near-tie can flip, as with any other kernel). That order is the same for every
+row whatever the batch around it, so a token's product is the same bits alone, in a decode batch or in a prefill
+chunk. VDPBF16PS treats subnormal inputs as zero. tests/kernels/test_cpu_linear.py compares it with the float32 product.
 
 Built with the other CPU kernels (`cpp_build`, -march=native); `compiled_linear_available()` is False where the
 build fails or the CPU lacks AVX-512 BF16, and serving/models/prepack.py keeps oneDNN there. A weight's shape must

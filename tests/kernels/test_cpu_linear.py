@@ -1,6 +1,7 @@
 """The AVX-512 BF16 linear (kernels/cpu_linear.py) against the float32 product rounded to bf16: every output within
 one bf16 step of it and nearly all equal, over row counts that take every register block, tail tile and pass over
-the weight; a bias; rows of a wider tensor; refused operands; and a model's logits as close to float32's as oneDNN's."""
+the weight; a bias; rows of a wider tensor; a row's output independent of the batch around it; refused operands; and
+a chain of products as close to float32's as oneDNN's."""
 
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ def test_large_values_keep_their_magnitude() -> None:
     """bf16's range is float32's: sums in float32 of large products neither overflow nor lose their exponent."""
     w, x = bf16(48, 64, seed=6, scale=1e15), bf16(3, 64, seed=7, scale=1e15)
     assert_rounded_float32(cpu_linear.linear(x, cpu_linear.pack(w), None, 48), x, w, None)
+
+
+def test_a_rows_output_does_not_depend_on_the_batch() -> None:
+    """Each row's sums run over K in one order whatever block, pass or thread takes it: a token's product is the same
+    bits alone, in a decode batch or in a prefill chunk (oneDNN's blocking gives no such promise)."""
+    w, b = bf16(960, 576, seed=11, scale=576**-0.5), bf16(960, seed=12)
+    x = bf16(600, 576, seed=13)
+    packed = cpu_linear.pack(w)
+    whole = cpu_linear.linear(x, packed, b, 960)
+    for start, stop in [(0, 1), (5, 6), (299, 300), (3, 35), (250, 600)]:
+        assert torch.equal(cpu_linear.linear(x[start:stop], packed, b, 960), whole[start:stop])
 
 
 @pytest.mark.parametrize(
