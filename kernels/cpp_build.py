@@ -78,6 +78,12 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it is not Linux)."""
+    line = _cpu_id()
+    return set(line.partition(":")[2].split()) if ":" in line else set()
+
+
 def compile_job(
     name: str,
     source: str,

@@ -19,7 +19,9 @@ row whatever the batch around it, so a token's product is the same bits alone, i
 chunk. VDPBF16PS treats subnormal inputs as zero. tests/kernels/test_cpu_linear.py compares it with the float32 product.
 
 Built with the other CPU kernels (`cpp_build`, -march=native); `compiled_linear_available()` is False where the
-build fails or the CPU lacks AVX-512 BF16, and serving/models/prepack.py keeps oneDNN there. A weight's shape must
+build fails or the CPU lacks AVX-512 BF16, and serving/models/prepack.py keeps oneDNN there. It is False on a CPU with
+AMX too (Intel Sapphire Rapids and later): oneDNN's products run on its tile units there, with several times the
+VDPBF16PS peak this kernel is bound by (not measured here: no such CPU on our machines). A weight's shape must
 have a multiple of 16 rows and an even number of columns (`shape_supported`): every Llama-family model's does.
 """
 
@@ -30,7 +32,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .cpp_build import build_ops, read_source
+from .cpp_build import build_ops, cpu_flags, read_source
 
 
 def shape_supported(out_features: int, in_features: int) -> bool:
@@ -53,11 +55,24 @@ def compiled_linear_available() -> bool:
 
 
 def compiled_linear_unavailable_reason() -> str | None:
-    """None when the kernel runs here, else why not: the build's failure, or a CPU without AVX-512 BF16."""
+    """None when the kernel runs here, else why not: the build's failure, a CPU without AVX-512 BF16, or one with
+    AMX."""
     reason = compiled_linear_build_failure()
-    if reason is None and not torch.ops.switchboard.bf16_linear_supported():
+    if reason is None and not kernel_runs_here():
         return "this CPU (or compiler) has no AVX-512 BF16; oneDNN's product runs instead"
+    if reason is None and has_amx(cpu_flags()):
+        return "this CPU has AMX, on which oneDNN's bf16 product is faster; it runs instead"
     return reason
+
+
+def kernel_runs_here() -> bool:
+    """Whether the kernel is built and this CPU can run it, whether or not the engine would choose it (benchmarks
+    compare it with oneDNN on an AMX CPU too)."""
+    return compiled_linear_build_failure() is None and torch.ops.switchboard.bf16_linear_supported()
+
+
+def has_amx(flags: set[str]) -> bool:
+    return "amx_bf16" in flags
 
 
 @functools.cache

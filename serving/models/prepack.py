@@ -18,6 +18,7 @@ afterwards (the engine merges `--merge-adapter` first).
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from torch import nn
@@ -64,25 +65,33 @@ class CompiledLinear(nn.Module):
         return cpu_linear.linear(x if x.stride(-1) == 1 else x.contiguous(), self.packed, bias, self.out_features)
 
 
-def packed_product(weight: torch.Tensor, batch_hint: int, compiled: bool = True) -> nn.Module:
-    """The fastest packed product for this bf16 weight here: `CompiledLinear` where the kernel runs and takes the
-    shape (and `compiled`), else oneDNN's `PackedLinear` (`batch_hint`: the usual row count, which it tunes for)."""
-    if compiled and cpu_linear.shape_supported(*weight.shape) and cpu_linear.compiled_linear_available():
-        return CompiledLinear(weight)
+# Which packed product `prepack_bf16` gives a weight: the engine's choice, or one forced (benchmarks and tests).
+Product = Literal["auto", "onednn", "compiled"]
+
+
+def packed_product(weight: torch.Tensor, batch_hint: int, product: Product = "auto") -> nn.Module:
+    """A packed product for this bf16 weight. "auto": `CompiledLinear` where the engine chooses the kernel here
+    (`cpu_linear.compiled_linear_available`) and it takes the shape, else oneDNN's `PackedLinear` (`batch_hint`: the
+    usual row count, which oneDNN tunes for). "compiled": the kernel wherever it runs and takes the shape (an AMX CPU
+    included). "onednn": always oneDNN's, bit-identical to F.linear."""
+    if product != "onednn" and cpu_linear.shape_supported(*weight.shape):
+        chosen = cpu_linear.kernel_runs_here() if product == "compiled" else cpu_linear.compiled_linear_available()
+        if chosen:
+            return CompiledLinear(weight)
     return PackedLinear(weight, batch_hint)
 
 
-def prepack_bf16(model: LlamaModel, batch_hint: int, compiled: bool = True) -> int:
-    """Pack every dense bf16 AdapterLinear (NF4 ones keep their own product) and the logits weight; returns how many
-    products were packed. `compiled=False` keeps oneDNN's product everywhere (bit-identical to F.linear)."""
+def prepack_bf16(model: LlamaModel, batch_hint: int, product: Product = "auto") -> int:
+    """Pack every dense bf16 AdapterLinear (NF4 ones keep their own product) and the logits weight, each with
+    `packed_product(weight, batch_hint, product)`; returns how many products were packed."""
     products: list[nn.Module] = []
     for module in list(model.modules()):
         if isinstance(module, AdapterLinear) and module.weight is not None and module.weight.dtype == torch.bfloat16:
-            module.base_matmul = packed_product(module.weight, batch_hint, compiled)
+            module.base_matmul = packed_product(module.weight, batch_hint, product)
             products.append(module.base_matmul)
     weight = model.logits_weight()
     if weight.dtype == torch.bfloat16:
-        model.logits_matmul = packed_product(weight, batch_hint, compiled)
+        model.logits_matmul = packed_product(weight, batch_hint, product)
         products.append(model.logits_matmul)
     ours = sum(isinstance(p, CompiledLinear) for p in products)
     logger.info("bf16 products packed once: %d for the AVX-512 BF16 kernel, %d for oneDNN", ours, len(products) - ours)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -168,3 +169,10 @@ def test_a_compile_past_the_timeout_is_stopped_with_its_compiler(
         assert time.monotonic() < deadline, f"left running: {_processes_in(build_dir)}"
         time.sleep(0.1)
     assert not (build_dir / "lock").exists() and read_holder(build_dir / "build.lock") is None
+
+
+def test_cpu_flags_are_proc_cpuinfos_names() -> None:
+    flags = cpp_build.cpu_flags()
+    assert all(flag and " " not in flag and ":" not in flag for flag in flags)
+    if Path("/proc/cpuinfo").exists() and platform.machine() in ("x86_64", "AMD64"):
+        assert {"sse2", "fpu"} <= flags

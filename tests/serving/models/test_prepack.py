@@ -56,7 +56,7 @@ def test_engine_packs_bf16_and_keeps_its_tokens(tiny_model_dir: Path) -> None:
     """oneDNN's packed products (what the engine packs where the compiled kernel cannot run) change no token."""
     engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", kv_cache_gb=0.05))
     _unpack(engine)
-    prepack_bf16(engine.model, batch_hint=32, compiled=False)
+    prepack_bf16(engine.model, batch_hint=32, product="onednn")
     linears = engine.model.linears()
     assert all(isinstance(lin.base_matmul, PackedLinear) for lin in linears)
     assert isinstance(engine.model.logits_matmul, PackedLinear)
@@ -98,3 +98,16 @@ def test_float32_engine_is_not_packed(tiny_model_dir: Path) -> None:
     engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="float32", device="cpu", kv_cache_gb=0.05))
     assert all(lin.base_matmul is F.linear for lin in engine.model.linears())
     assert engine.model.logits_matmul is F.linear
+
+
+def test_an_amx_cpu_keeps_onednn(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with AMX oneDNN's products run on its tile units: the engine packs for them, not for our kernel."""
+    monkeypatch.setattr(cpu_linear, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert "AMX" in (cpu_linear.compiled_linear_unavailable_reason() or "")
+    engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", kv_cache_gb=0.05))
+    assert all(isinstance(lin.base_matmul, PackedLinear) for lin in engine.model.linears())
+    assert isinstance(engine.model.logits_matmul, PackedLinear)
+    if cpu_linear.kernel_runs_here():  # a benchmark can still put it beside oneDNN's there
+        _unpack(engine)
+        prepack_bf16(engine.model, batch_hint=32, product="compiled")
+        assert all(isinstance(lin.base_matmul, CompiledLinear) for lin in engine.model.linears())
