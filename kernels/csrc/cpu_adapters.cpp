@@ -34,7 +34,10 @@ inline void stream_ahead(const char*& ahead, const void* until, int64_t distance
   for (; ahead < want; ahead += 64) __builtin_prefetch(ahead, 0, 0);
 }
 
-// GCC/Clang vector extensions: 16 floats per value, compiled to the widest vectors -march=native offers.
+// GCC/Clang vector extensions: 16 floats per value, compiled to the widest vectors -march=native offers. Without
+// AVX-512, gcc notes that passing a 64-byte vector by value has another ABI; these functions are inlined, internal
+// to this file, so no caller across an ABI boundary exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float vf __attribute__((vector_size(4 * V_)));
 typedef uint32_t vu __attribute__((vector_size(4 * V_)));
 typedef uint16_t vh __attribute__((vector_size(2 * V_)));

@@ -3,6 +3,7 @@ flags the server builds with plus -Wall -Wextra -Werror, shipped as package data
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import subprocess
@@ -56,15 +57,33 @@ def test_clang_format_leaves_every_file_as_it_is() -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
-def test_compiles_without_a_warning(source: Path, tmp_path: Path) -> None:
+def _compile(source: Path, out: Path, cflags: list[str]) -> subprocess.CompletedProcess:
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler here (the server then runs its torch paths)")
     torch_includes = [arg for path in include_paths() for arg in ("-isystem", path)]
     command = [
-        cxx, "-std=c++20", "-fPIC", *cpp_build.CFLAGS, "-Wall", "-Wextra", "-Werror", *torch_includes,
-        "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o"),
+        cxx, "-std=c++20", "-fPIC", *cflags, "-Wall", "-Wextra", "-Werror", *torch_includes,
+        "-c", str(source), "-o", str(out),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_compiles_without_a_warning(source: Path, tmp_path: Path) -> None:
+    result = _compile(source, tmp_path / f"{source.stem}.o", cpp_build.CFLAGS)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+# The sources with an AVX-512 path, compiled for a CPU without AVX-512 (x86-64-v3: AVX2), as -march=native does on
+# one: the other branch must build, and build clean, too.
+AVX512_SOURCES = [p for p in SOURCES if "__AVX512" in p.read_text()]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86-64 target")
+@pytest.mark.parametrize("source", AVX512_SOURCES, ids=[p.stem for p in AVX512_SOURCES])
+def test_compiles_without_avx512(source: Path, tmp_path: Path) -> None:
+    cflags = ["-march=x86-64-v3" if flag == "-march=native" else flag for flag in cpp_build.CFLAGS]
+    assert cflags != cpp_build.CFLAGS
+    result = _compile(source, tmp_path / f"{source.stem}.o", cflags)
     assert result.returncode == 0, result.stderr[-4000:]
