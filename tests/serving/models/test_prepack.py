@@ -111,3 +111,13 @@ def test_an_amx_cpu_keeps_onednn(tiny_model_dir: Path, monkeypatch: pytest.Monke
         _unpack(engine)
         prepack_bf16(engine.model, batch_hint=32, product="compiled")
         assert all(isinstance(lin.base_matmul, CompiledLinear) for lin in engine.model.linears())
+
+
+def test_a_cpu_without_avx512_bf16_keeps_onednn(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "kernel_runs_here", lambda: False)
+    assert "no AVX-512 BF16" in (cpu_linear.compiled_linear_unavailable_reason() or "")
+    engine = LLMEngine(ServeConfig(model=tiny_model_dir, dtype="bfloat16", device="cpu", kv_cache_gb=0.05))
+    assert all(isinstance(lin.base_matmul, PackedLinear) for lin in engine.model.linears())
+    _unpack(engine)
+    prepack_bf16(engine.model, batch_hint=32, product="compiled")  # forced, but it cannot run here: oneDNN's
+    assert all(isinstance(lin.base_matmul, PackedLinear) for lin in engine.model.linears())
