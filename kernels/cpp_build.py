@@ -12,6 +12,7 @@ and compiles in a child process that a timeout stops (`cpp_compile`); the librar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -78,10 +79,11 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where it is not Linux)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it is not Linux); read once."""
     line = _cpu_id()
-    return set(line.partition(":")[2].split()) if ":" in line else set()
+    return frozenset(line.partition(":")[2].split()) if ":" in line else frozenset()
 
 
 def compile_job(

@@ -71,7 +71,7 @@ def kernel_runs_here() -> bool:
     return compiled_linear_build_failure() is None and torch.ops.switchboard.bf16_linear_supported()
 
 
-def has_amx(flags: set[str]) -> bool:
+def has_amx(flags: frozenset[str] | set[str]) -> bool:
     return "amx_bf16" in flags
 
 

@@ -92,10 +92,7 @@ inline void block(const uint16_t* x, int64_t ldx, const uint16_t* tile, int64_t 
   }
 #pragma GCC unroll 3
   for (int j = 0; j < V; ++j) {
-    __m512 b = _mm512_setzero_ps();
-    if (bias)
-      b = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(bias + j * 16))), 16));
+    const __m512 b = bias ? switchboard::bf16x16_to_f32(bias + j * 16) : _mm512_setzero_ps();
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
       _mm256_storeu_si256((__m256i*)(y + i * ldy + j * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], b)));

@@ -148,10 +148,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-// bf16 x 16 -> float32 x 16 (bf16 is float32 cut short: shift into the top half).
-inline __m512 bf16x16_to_f32(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+using switchboard::bf16x16_to_f32;
 
 // A bf16 query against a bf16 cache, head size D (a multiple of 32), on AVX-512 BF16: what a bf16 model decodes with.
 // `decode` spends most of its time in one float32 dot product per (key row, query head), a chain of dependent FMAs

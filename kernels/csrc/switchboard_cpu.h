@@ -12,6 +12,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace switchboard {
 
 // The float32 whose top half is the bfloat16 in the low 16 bits of `bits` (bfloat16 is float32 cut short).
@@ -39,6 +43,13 @@ inline float exp_f32(float x) {
 inline void prefetch_lines(const void* p, int64_t bytes) {
   for (int64_t c = 0; c < bytes; c += 64) __builtin_prefetch(static_cast<const char*>(p) + c);
 }
+
+#if defined(__AVX512F__)
+// 16 bf16 values -> 16 float32 in a register (bf16 is float32 cut short: widen, shift into the top half).
+inline __m512 bf16x16_to_f32(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+#endif
 
 // The dtypes every kernel takes: float32, bfloat16 and float16 (each computes in float32).
 inline bool is_kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
